@@ -1,0 +1,282 @@
+"""Experiment configs: the schema, loading a config file, command-line overrides and validation.
+
+Every experiment file under configs/ defines ``get_config()`` and starts from
+:func:`base_config`, which is the schema: it holds every key jaxformer knows with its
+default and type. Anything outside it is an error, so a typo never silently trains
+the wrong model. Validation runs before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The schema and defaults: a small byte-level decoder LM on the built-in corpus."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    m = c.model
+    m.vocab_size = 384  # byte tokenizer (259 ids) padded up to a multiple of 128
+    m.d_model = 256
+    m.num_layers = 4
+    m.num_heads = 4
+    m.num_kv_heads = 0  # 0 means num_heads (MHA); fewer gives GQA, 1 gives MQA
+    m.head_dim = 0  # 0 means d_model // num_heads
+    m.d_ff = 1024
+    m.max_len = 256  # longest sequence the positions support
+    m.position = "rope"  # rope | learned | sinusoidal
+    m.rope_base = 10000.0
+    m.norm = "rmsnorm"  # rmsnorm | layernorm
+    m.norm_position = "pre"  # pre | post
+    m.norm_eps = 1e-6
+    m.mlp = "swiglu"  # swiglu | gelu | relu
+    m.use_bias = False
+    m.tie_embeddings = True
+    m.dropout = 0.0
+    m.scan_layers = True
+    m.remat = "none"  # none | full | dots | dots_no_batch
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    m.param_dtype = "float32"
+    m.init_std = 0.02
+
+    c.data = ml_collections.ConfigDict()
+    d = c.data
+    d.name = "stdlib"  # stdlib | text_files | tfds
+    d.paths = ""  # glob(s) for text_files, comma separated
+    d.tfds_name = ""
+    d.text_key = "text"
+    d.train_split = "train"
+    d.eval_split = "eval"
+    d.eval_fraction = 0.02
+    d.data_dir = ""  # '' means $JAXFORMER_DATA_DIR or ~/.cache/jaxformer/tfds
+    d.tokenizer = "byte"  # byte | sentencepiece
+    d.spm_model = ""
+    d.shuffle_seed = 0
+    d.worker_count = 0
+    d.seq_len = 256
+
+    c.optimizer = ml_collections.ConfigDict()
+    o = c.optimizer
+    o.name = "adamw"  # adamw | adafactor
+    o.lr = 3e-3
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.clip_norm = 1.0  # 0 disables clipping
+    o.schedule = "cosine"  # constant | linear | cosine | wsd | rsqrt
+    o.warmup_steps = 50
+    o.min_lr_ratio = 0.1  # floor of cosine/linear/wsd decay, as a fraction of lr
+    o.decay_fraction = 0.2  # wsd: share of the run spent decaying
+    o.rsqrt_scale = 1.0  # rsqrt: lr = scale * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)
+
+    c.train = ml_collections.ConfigDict()
+    t = c.train
+    t.steps = 600
+    t.global_batch = 16
+    t.microbatches = 1  # gradient accumulation: the global batch is split into this many
+    t.seed = 0
+    t.label_smoothing = 0.0
+    t.z_loss = 0.0
+    t.log_every = 20
+    t.eval_every = 200
+    t.eval_batches = 8
+    t.checkpoint_every = 200
+    t.keep_checkpoints = 3
+    t.run_dir = "runs/default"
+    t.async_checkpoints = True
+    t.tensorboard = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: whatever the other axes leave
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c
+
+
+_CHOICES = {
+    "model.position": ("rope", "learned", "sinusoidal"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.mlp": ("swiglu", "gelu", "relu"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "data.name": ("stdlib", "text_files", "tfds"),
+    "data.tokenizer": ("byte", "sentencepiece"),
+    "optimizer.name": ("adamw", "adafactor"),
+    "optimizer.schedule": ("constant", "linear", "cosine", "wsd", "rsqrt"),
+}
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _unknown_key_error(key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    """Returns value coerced to the schema's type, or raises naming the key."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def check_schema(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks cfg has only schema keys with schema types; returns a locked, coerced copy."""
+    schema = _flatten(base_config())
+    given = _flatten(cfg)
+    out = base_config()
+    for key, value in given.items():
+        if key not in schema:
+            raise _unknown_key_error(key, list(schema))
+        section, _, leaf = key.rpartition(".")
+        out[section][leaf] = _check_type(key, value, schema[key])
+    for key, choices in _CHOICES.items():
+        section, _, leaf = key.rpartition(".")
+        if out[section][leaf] not in choices:
+            raise ConfigError(
+                f"config key '{key}' is {out[section][leaf]!r}; choose one of {list(choices)}"
+            )
+    out.lock()
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as --config.model.norm=layernorm
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies ``--config.a.b=value`` (or ``a.b=value``) overrides in place."""
+    known = list(_flatten(cfg))
+    for item in overrides:
+        text = item.removeprefix("--").removeprefix("config.")
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' must look like --config.KEY=VALUE")
+        key, raw = text.split("=", 1)
+        if key not in known:
+            raise _unknown_key_error(key, known)
+        section, _, leaf = key.rpartition(".")
+        target = cfg[section] if section else cfg
+        target[leaf] = _check_type(key, _parse_value(raw), target[leaf])
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` from ``path[:arg]``, applies overrides and checks types."""
+    file, _, arg = path.partition(":")
+    if not Path(file).is_file():
+        raise ConfigError(f"config file '{file}' does not exist")
+    spec = importlib.util.spec_from_file_location(f"jaxformer_config_{Path(file).stem}", file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{file}' defines no get_config()")
+    cfg = module.get_config(arg) if arg else module.get_config()
+    cfg = check_schema(cfg)
+    cfg.unlock()
+    apply_overrides(cfg, overrides)
+    return check_schema(cfg)
+
+
+def resolve_mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with at most one -1 filled in; raises if they do not cover the devices."""
+    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ConfigError(f"only one mesh axis may be -1, got {free}")
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"config key 'mesh.{axis}' must be positive or -1, got {size}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh {sizes} cannot fill {num_devices} devices: the fixed axes multiply to "
+                f"{fixed}, which does not divide {num_devices} (config key 'mesh.{free[0]}')"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"mesh {sizes} has {fixed} devices but {num_devices} are available; "
+            "set config keys 'mesh.data', 'mesh.fsdp', 'mesh.tensor' so their product matches "
+            "(or use -1 for one of them)"
+        )
+    return sizes
+
+
+def validate(
+    cfg: ml_collections.ConfigDict, num_devices: int, process_count: int = 1
+) -> dict[str, int]:
+    """Checks what needs the device count; returns the resolved mesh shape."""
+    mesh = resolve_mesh_shape(cfg.mesh, num_devices)
+    m, t = cfg.model, cfg.train
+    num_kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % num_kv:
+        raise ConfigError(
+            f"config key 'model.num_kv_heads' ({num_kv}) must divide model.num_heads "
+            f"({m.num_heads})"
+        )
+    if not m.head_dim and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"config key 'model.num_heads' ({m.num_heads}) must divide model.d_model "
+            f"({m.d_model}) unless model.head_dim is set"
+        )
+    if cfg.data.seq_len > m.max_len:
+        raise ConfigError(
+            f"config key 'data.seq_len' ({cfg.data.seq_len}) is above the model's limit "
+            f"model.max_len ({m.max_len})"
+        )
+    if m.position == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
+        raise ConfigError("config key 'model.head_dim' must be even for RoPE")
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    if t.microbatches < 1:
+        raise ConfigError(f"config key 'train.microbatches' must be >= 1, got {t.microbatches}")
+    for divisor, what in (
+        (
+            batch_shards * t.microbatches,
+            f"data x fsdp = {batch_shards} devices times train.microbatches = {t.microbatches}",
+        ),
+        (process_count, f"{process_count} processes"),
+    ):
+        if t.global_batch % divisor:
+            raise ConfigError(
+                f"config key 'train.global_batch' ({t.global_batch}) does not divide over {what}"
+            )
+    if t.steps < 1:
+        raise ConfigError(f"config key 'train.steps' must be >= 1, got {t.steps}")
+    return mesh

@@ -1,0 +1,57 @@
+"""Peak FLOP/s of the devices MFU is measured against."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 datasheet peaks per chip, TFLOP/s, keyed by a substring of device_kind.
+DATASHEET_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "TPU v6": 918.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v4": 275.0,
+}
+
+
+def datasheet_peak(device: jax.Device) -> float | None:
+    """Datasheet bf16 FLOP/s for a known accelerator, else None."""
+    kind = device.device_kind
+    for name, tflops in DATASHEET_BF16_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return tflops * 1e12
+    return None
+
+
+@functools.cache
+def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` jitted size^3 matmuls on the default device.
+
+    CPUs have no datasheet figure that XLA can reach, so their "peak" is what XLA itself
+    achieves on a large matrix product: MFU on CPU then reads as a fraction of that.
+    """
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+    """Per-device peak FLOP/s and where the figure comes from."""
+    device = jax.devices()[0]
+    peak = datasheet_peak(device)
+    if peak is not None:
+        return peak, f"{device.device_kind} datasheet bf16"
+    return measured_matmul_peak(dtype), f"measured 2048^3 {dtype} matmul on {device.platform}"

@@ -1,0 +1,206 @@
+"""A decoder-only Transformer language model (GPT / LLaMA family), parts chosen by config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.model.layers import MLP, Attention, Dense, Norm, attention_mask, dropout, param
+from jaxformer.model.layers import sinusoidal as sinusoidal_positions
+from jaxformer.parallel import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model section of a config, with defaults resolved and dtypes as numpy types."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_len: int
+    position: str
+    rope_base: float
+    norm: str
+    norm_position: str
+    norm_eps: float
+    mlp: str
+    use_bias: bool
+    tie_embeddings: bool
+    dropout: float
+    scan_layers: bool
+    remat: str
+    dtype: Any
+    param_dtype: Any
+    init_std: float
+
+    @classmethod
+    def from_config(cls, model_cfg: Any) -> ModelConfig:
+        values = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
+        values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
+        values["head_dim"] = values["head_dim"] or values["d_model"] // values["num_heads"]
+        values["dtype"] = jnp.dtype(values["dtype"])
+        values["param_dtype"] = jnp.dtype(values["param_dtype"])
+        return cls(**values)
+
+
+class Block(nnx.Module):
+    """Attention then MLP, each with a residual; norms before (pre) or after (post) them."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        mask_BxLxS: jax.Array,
+        positions_BxL: jax.Array,
+        key: jax.Array | None,
+    ) -> jax.Array:
+        rate = self.cfg.dropout
+        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+        if self.cfg.norm_position == "pre":
+            h = self.attn(self.attn_norm(x_BxLxD), mask_BxLxS, positions_BxL)
+            x_BxLxD = x_BxLxD + dropout(h, rate, k_attn)
+            x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), rate, k_mlp)
+        else:
+            h = self.attn(x_BxLxD, mask_BxLxS, positions_BxL)
+            x_BxLxD = self.attn_norm(x_BxLxD + dropout(h, rate, k_attn))
+            x_BxLxD = self.mlp_norm(x_BxLxD + dropout(self.mlp(x_BxLxD), rate, k_mlp))
+        return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+
+class DecoderLM(nnx.Module):
+    """Token (+ position) embedding, a stack of causal blocks, and next-token logits."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embed = param(
+            rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype
+        )
+        self.pos_embed = (
+            param(rngs, init, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.param_dtype)
+            if cfg.position == "learned"
+            else None
+        )
+        if cfg.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = (
+            Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
+            if cfg.norm_position == "pre"
+            else None
+        )
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Dense(
+                (cfg.d_model,),
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
+                use_bias=False,
+                init_std=cfg.init_std,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                rngs=rngs,
+            )
+        )
+
+    def _run_blocks(
+        self, x_BxLxD: jax.Array, mask_BxLxS: jax.Array, positions_BxL: jax.Array, key: Any
+    ) -> jax.Array:
+        cfg = self.cfg
+        train = key is not None
+        # Without dropout the per-layer keys are placeholders, so scan keeps one signature.
+        keys = jax.random.split(key, cfg.num_layers) if train else jnp.zeros(cfg.num_layers)
+
+        def apply(block: Block, x: jax.Array, k: jax.Array) -> jax.Array:
+            return block(x, mask_BxLxS, positions_BxL, k if train else None)
+
+        if cfg.remat != "none":
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
+        if not cfg.scan_layers:
+            for i, block in enumerate(self.blocks):
+                x_BxLxD = apply(block, x_BxLxD, keys[i])
+            return x_BxLxD
+
+        @nnx.scan(
+            in_axes=(nnx.Carry, 0, 0),
+            out_axes=nnx.Carry,
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
+        def scan_fn(x: jax.Array, block: Block, k: jax.Array) -> jax.Array:
+            return apply(block, x, k)
+
+        return scan_fn(x_BxLxD, self.blocks, keys)
+
+    def __call__(
+        self,
+        inputs_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Returns float32 logits [B, L, V]; ``dropout_key=None`` runs deterministically."""
+        cfg = self.cfg
+        # The lookup reads a gathered copy of the table: a gather from a vocab-sharded
+        # table would make XLA replicate it anyway, through a slower path.
+        table_VxD = constrain(self.embed[...], (None, None))
+        x_BxLxD = jnp.take(table_VxD, inputs_BxL, axis=0).astype(cfg.dtype)
+        if cfg.position == "learned":
+            x_BxLxD = x_BxLxD + jnp.take(self.pos_embed[...], positions_BxL, axis=0).astype(
+                cfg.dtype
+            )
+        elif cfg.position == "sinusoidal":
+            x_BxLxD = x_BxLxD + sinusoidal_positions(positions_BxL, cfg.d_model).astype(cfg.dtype)
+        embed_key = block_key = None
+        if dropout_key is not None:
+            embed_key, block_key = jax.random.split(dropout_key)
+        x_BxLxD = constrain(
+            dropout(x_BxLxD, cfg.dropout, embed_key), ("batch", "length", "act_embed")
+        )
+        mask_BxLxS = attention_mask(segment_ids_BxL, causal=True)
+        x_BxLxD = self._run_blocks(x_BxLxD, mask_BxLxS, positions_BxL, block_key)
+        if self.final_norm is not None:
+            x_BxLxD = self.final_norm(x_BxLxD)
+        if self.lm_head is None:
+            logits_BxLxV = jnp.einsum(
+                "bld,vd->blv",
+                x_BxLxD,
+                self.embed[...].astype(cfg.dtype),
+                preferred_element_type=jnp.float32,
+            )
+        else:
+            logits_BxLxV = self.lm_head(x_BxLxD).astype(jnp.float32)
+        return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+
+
+def count_params(state: Any) -> int:
+    """Number of parameters in an (abstract or concrete) model state."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

@@ -1,0 +1,25 @@
+"""Meshes and the logical axis rules; the only place that names mesh axes."""
+
+from jaxformer.parallel.sharding import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    activate,
+    batch_sharding,
+    constrain,
+    logical_to_sharding,
+    logical_to_spec,
+    make_mesh,
+    tree_shardings,
+)
+
+__all__ = [
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "activate",
+    "batch_sharding",
+    "constrain",
+    "logical_to_sharding",
+    "logical_to_spec",
+    "make_mesh",
+    "tree_shardings",
+]

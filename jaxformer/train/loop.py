@@ -1,0 +1,238 @@
+"""The training loop: set up from a config, restore if the run exists, step, log, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+import jaxformer
+from jaxformer import data as jdata
+from jaxformer import flops, hardware, parallel
+from jaxformer.config import ConfigError, validate
+from jaxformer.train.checkpoint import Checkpointer, abstract_like
+from jaxformer.train.logs import RunLogger
+from jaxformer.train.optim import make_optimizer
+from jaxformer.train.step import TrainState, init_state, jit_steps
+
+log = logging.getLogger("jaxformer")
+
+
+@dataclass
+class Run:
+    """Everything set up for a config: mesh, state, compiled steps, data, checkpoints."""
+
+    cfg: ml_collections.ConfigDict
+    mesh: Mesh
+    state: TrainState
+    shardings: Any
+    train_step: Any
+    eval_step: Any
+    tokenizer: Any
+    checkpointer: Checkpointer
+    run_dir: Path
+    restored_step: int | None
+    data_state: dict | None
+
+
+def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:
+    """The batch arithmetic printed at start and stored with the run."""
+    t = cfg.train
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    per_shard = t.global_batch // batch_shards
+    tokens = t.global_batch * cfg.data.seq_len
+    return (
+        f"mesh {mesh_shape} over {jax.device_count()} {jax.devices()[0].platform} devices "
+        f"in {jax.process_count()} process(es)\n"
+        f"global batch {t.global_batch} sequences x {cfg.data.seq_len} tokens = {tokens:,} "
+        f"tokens/step; {batch_shards} batch shards (data x fsdp) of {per_shard} sequences, "
+        f"{t.microbatches} microbatch(es) of {per_shard // t.microbatches} per shard; "
+        f"{t.global_batch // jax.process_count()} sequences loaded per process"
+    )
+
+
+def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None = None) -> Run:
+    """Validates the config, builds the mesh and the state, and restores the latest checkpoint."""
+    rules = parallel.DEFAULT_RULES if rules is None else rules
+    mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
+    tokenizer = jdata.build_tokenizer(cfg.data)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"config key 'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the "
+            f"tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    mesh = parallel.make_mesh(mesh_shape)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(cfg.to_json(indent=2, sort_keys=True) + "\n")
+        info = {
+            "jaxformer": jaxformer.__version__,
+            "jax": jax.__version__,
+            "mesh": mesh_shape,
+            "batch": describe(cfg, mesh_shape),
+        }
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
+    graphdef, state, shardings = init_state(cfg, tx, mesh, rules)
+    train_step, eval_step = jit_steps(cfg, graphdef, tx, mesh, rules, shardings)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints",
+        keep=cfg.train.keep_checkpoints,
+        every=cfg.train.checkpoint_every,
+        use_async=cfg.train.async_checkpoints,
+    )
+    restored = checkpointer.latest_step()
+    data_state = None
+    if restored is not None:
+        state, data_state = checkpointer.restore(restored, abstract_like(state, shardings))
+    return Run(
+        cfg,
+        mesh,
+        state,
+        shardings,
+        train_step,
+        eval_step,
+        tokenizer,
+        checkpointer,
+        run_dir,
+        restored,
+        data_state,
+    )
+
+
+def _global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    sharding = parallel.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None = None) -> dict:
+    """Held-out loss, perplexity, accuracy and (byte tokenizer) bits per byte."""
+    cfg = run.cfg
+    state = run.state if state is None else state
+    max_batches = cfg.train.eval_batches if max_batches is None else max_batches
+    dataset = jdata.make_dataset(
+        cfg.data,
+        split=cfg.data.eval_split,
+        seq_len=cfg.data.seq_len,
+        global_batch=cfg.train.global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=cfg.data.shuffle_seed,
+        repeat=False,
+    )
+    totals = {"weight": 0.0, "nll": 0.0, "correct": 0.0}
+    target_bytes = 0
+    for i, local in enumerate(dataset):
+        if max_batches and i >= max_batches:
+            break
+        stats = run.eval_step(state, _global_batch(local, run.mesh))
+        target_bytes += jdata.count_target_bytes(local, run.tokenizer)
+        for k, v in jax.device_get(stats).items():
+            totals[k] += float(v)
+    weight = max(totals["weight"], 1.0)
+    loss = totals["nll"] / weight
+    out = {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": totals["correct"] / weight,
+        "tokens": totals["weight"],
+    }
+    if target_bytes:
+        # Bytes are counted on this process's rows; the loss is over all rows.
+        out["bits_per_byte"] = totals["nll"] / math.log(2) / (target_bytes * jax.process_count())
+    return out
+
+
+def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Trains ``cfg`` to ``train.steps``, resuming from ``train.run_dir`` if it has checkpoints.
+
+    Returns the last train and eval metrics.
+    """
+    run = setup(cfg)
+    t = cfg.train
+    start = run.restored_step or 0
+    logger = RunLogger(
+        run.run_dir,
+        total_steps=t.steps,
+        start_step=start,
+        tensorboard=t.tensorboard,
+        enabled=jax.process_index() == 0,
+    )
+    logger.info(f"jaxformer {jaxformer.__version__}: config\n{cfg}")
+    logger.info(describe(cfg, dict(run.mesh.shape)))
+    count = flops.count(cfg.model, cfg.data.seq_len)
+    peak, peak_source = hardware.peak_flops(cfg.model.dtype)
+    logger.info(
+        f"{count.params:,} parameters ({count.non_embedding_params:,} non-embedding); "
+        f"{count.train_flops_per_token:,} train FLOPs/token; MFU against {peak / 1e12:.3g} "
+        f"TFLOP/s per device ({peak_source})"
+    )
+    if start:
+        logger.info(f"resumed from checkpoint at step {start}")
+
+    dataset = jdata.make_dataset(
+        cfg.data,
+        split=cfg.data.train_split,
+        seq_len=cfg.data.seq_len,
+        global_batch=t.global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=cfg.data.shuffle_seed,
+        repeat=True,
+    )
+    batches = iter(dataset)
+    if run.data_state is not None:
+        batches.set_state(run.data_state)
+
+    last: dict[str, Any] = {}
+    if start == 0 and t.eval_every > 0:
+        last["eval"] = evaluate(run)
+        logger.write(0, "eval", last["eval"])
+
+    state = run.state
+    mark_step = start
+    for step in range(start + 1, t.steps + 1):
+        batch = _global_batch(next(batches), run.mesh)
+        if step == start + 1:
+            # jit compiles synchronously on the first call, then dispatches asynchronously.
+            compile_start = time.perf_counter()
+            state, metrics = run.train_step(state, batch)
+            logger.info(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
+            mark_time = time.perf_counter()
+        else:
+            state, metrics = run.train_step(state, batch)
+        if step % t.log_every == 0 or step == t.steps:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            step_time = (now - mark_time) / (step - mark_step)
+            tokens_per_sec = t.global_batch * cfg.data.seq_len / step_time
+            model_flops = tokens_per_sec * count.train_flops_per_token
+            values |= {
+                "step_time": step_time,
+                "tokens_per_sec": tokens_per_sec,
+                "tflops_per_device": model_flops / jax.device_count() / 1e12,
+                "mfu": model_flops / (peak * jax.device_count()),
+            }
+            logger.write(step, "train", values)
+            last["train"] = values
+            mark_time, mark_step = time.perf_counter(), step
+        if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps):
+            last["eval"] = evaluate(run, state)
+            logger.write(step, "eval", last["eval"])
+            mark_time = time.perf_counter()
+        run.checkpointer.maybe_save(step, state, batches.get_state(), force=step == t.steps)
+    run.checkpointer.close()
+    logger.close()
+    run.state = state
+    return last

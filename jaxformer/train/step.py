@@ -1,0 +1,162 @@
+"""The train state, its sharded creation, and the pure train and eval steps."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxformer import parallel
+from jaxformer.model import DecoderLM, ModelConfig
+from jaxformer.train.loss import cross_entropy
+from jaxformer.train.optim import make_schedule
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step changes; with the data iterator, everything a checkpoint holds."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data, so Orbax stores it as a plain array
+
+
+def build_model(cfg: Any, seed: int) -> DecoderLM:
+    return DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(params=seed))
+
+
+def init_state(
+    cfg: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: parallel.sharding.Rules
+) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """Creates the train state already sharded: shapes from ``eval_shape``, values from a
+    ``jit`` whose ``out_shardings`` place each parameter, so none is ever whole on one device.
+
+    Returns the model's graphdef, the state and the state's shardings.
+    """
+    seed = cfg.train.seed
+
+    def build() -> TrainState:
+        params = nnx.state(build_model(cfg, seed))
+        rng = jax.random.key_data(jax.random.key(seed + 1))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, seed)))
+    abstract = jax.eval_shape(build)
+    shardings = parallel.tree_shardings(abstract, mesh, rules)
+    state = jax.jit(build, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+def _loss_and_grads(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None, cfg: Any
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
+    def loss_fn(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
+        model = nnx.merge(graphdef, p)
+        logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], key)
+        return cross_entropy(
+            logits,
+            batch["targets"],
+            batch["weights"],
+            label_smoothing=cfg.train.label_smoothing,
+            z_loss=cfg.train.z_loss,
+        )
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def _microbatched(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...] taking every n-th row, so each device keeps its own rows."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    cfg: Any,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch, accumulating over ``train.microbatches``."""
+    key = None
+    if cfg.model.dropout > 0:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    n = cfg.train.microbatches
+    if n == 1:
+        (loss_sum, stats), grads = _loss_and_grads(graphdef, state.params, batch, key, cfg)
+    else:
+
+        def accumulate(carry: Any, xs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
+            mb, i = xs
+            mb_key = None if key is None else jax.random.fold_in(key, i)
+            (loss, stats), grads = _loss_and_grads(graphdef, state.params, mb, mb_key, cfg)
+            return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (jnp.zeros(()), {k: jnp.zeros(()) for k in ("weight", "nll", "correct")}, zeros)
+        (loss_sum, stats, grads), _ = jax.lax.scan(
+            accumulate, init, (_microbatched(batch, n), jnp.arange(n))
+        )
+    weight = jnp.maximum(stats["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    schedule = make_schedule(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
+    metrics = {
+        "loss": loss_sum / weight,
+        "nll": stats["nll"] / weight,
+        "accuracy": stats["correct"] / weight,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step),
+        "tokens": stats["weight"],
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+    """Summed held-out statistics of one batch (no dropout, no smoothing)."""
+    model = nnx.merge(graphdef, state.params)
+    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    _, stats = cross_entropy(logits, batch["targets"], batch["weights"])
+    return stats
+
+
+def jit_steps(
+    cfg: Any,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: parallel.sharding.Rules,
+    state_shardings: Any,
+) -> tuple[Any, Any]:
+    """The train and eval steps compiled for the mesh; the train step donates its state."""
+    data = parallel.batch_sharding(mesh, rules)
+
+    def with_mesh(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapped(*args: Any) -> Any:
+            with parallel.activate(mesh, rules):
+                return fn(*args)
+
+        return wrapped
+
+    train = jax.jit(
+        with_mesh(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg)),
+        in_shardings=(state_shardings, data),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        with_mesh(functools.partial(eval_step, graphdef=graphdef)),
+        in_shardings=(state_shardings, data),
+    )
+    return train, evaluate
