@@ -30,12 +30,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     m = c.model
     m.vocab_size = 384  # byte tokenizer (259 ids) padded up to a multiple of 128
-    m.d_model = 256
+    m.d_model = 128
     m.num_layers = 4
     m.num_heads = 4
     m.num_kv_heads = 0  # 0 means num_heads (MHA); fewer gives GQA, 1 gives MQA
     m.head_dim = 0  # 0 means d_model // num_heads
-    m.d_ff = 1024
+    m.d_ff = 512
     m.max_len = 256  # longest sequence the positions support
     m.position = "rope"  # rope | learned | sinusoidal
     m.rope_base = 10000.0

@@ -28,7 +28,7 @@ def param(
     whole state is created under ``jit``.
     """
     value = init(rngs.params(), tuple(shape), dtype)
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

@@ -114,7 +114,7 @@ def train_step(
         "loss": loss_sum / weight,
         "nll": stats["nll"] / weight,
         "accuracy": stats["correct"] / weight,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
         "tokens": stats["weight"],
     }

@@ -1,0 +1,171 @@
+"""Measure training throughput of configs on synthetic tokens and record it in BENCHMARKS.md.
+
+    python tools/benchmark.py --config=configs/default.py --config=configs/decoder_100m.py \
+        --steps=10 --write
+
+Each config is trained for ``--warmup`` untimed steps, then ``--steps`` timed steps, each
+timed to completion. Reported: median step time and its spread, tokens/s, model TFLOP/s
+per device, MFU (FLOPs as in jaxformer/flops.py: matmuls only, 3x forward, full attention
+square; peak from the datasheet on accelerators, from a measured 2048^3 matmul on CPU),
+compile time, and peak memory (XLA's compiled estimate of arguments + temporaries + outputs,
+and on accelerators the allocator's peak; on CPU the process's peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxformer import flops, hardware, parallel
+from jaxformer.config import load_config, validate
+from jaxformer.train.optim import make_optimizer
+from jaxformer.train.step import init_state, jit_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = (
+    "| date | device | commit | config | params | global batch x seq | step time (s) "
+    "| tokens/s | TFLOP/s/device | MFU | peak | compile (s) | peak memory |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def synthetic_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    b, length = cfg.train.global_batch, cfg.data.seq_len
+    tokens = rng.integers(3, min(cfg.model.vocab_size, 259), (b, length + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.ones((b, length), np.int32),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+        "weights": np.ones((b, length), np.float32),
+    }
+
+
+def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    cfg = load_config(config, overrides)
+    mesh = parallel.make_mesh(validate(cfg, jax.device_count()))
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
+    graphdef, state, shardings = init_state(cfg, tx, mesh, parallel.DEFAULT_RULES)
+    train_step, _ = jit_steps(cfg, graphdef, tx, mesh, parallel.DEFAULT_RULES, shardings)
+    sharding = parallel.batch_sharding(mesh)
+    batch = {
+        k: jax.device_put(v, sharding)
+        for k, v in synthetic_batch(cfg, np.random.default_rng(0)).items()
+    }
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    xla_bytes = None
+    if memory is not None:
+        xla_bytes = (
+            memory.argument_size_in_bytes
+            + memory.temp_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    count = flops.count(cfg.model, cfg.data.seq_len)
+    step_time = statistics.median(times)
+    tokens_per_sec = cfg.train.global_batch * cfg.data.seq_len / step_time
+    per_device = tokens_per_sec * count.train_flops_per_token / jax.device_count()
+    peak, peak_source = hardware.peak_flops(cfg.model.dtype)
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        peak_memory = f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB allocator peak"
+    else:
+        rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak_memory = f"{rss_gib:.2f} GiB process RSS"
+    if xla_bytes is not None:
+        peak_memory += f"; {xla_bytes / 2**30:.2f} GiB XLA estimate"
+    spread = (min(times), max(times))
+    return {
+        "config": " ".join([Path(config).name, *overrides]),
+        "params": count.params,
+        "shape": f"{cfg.train.global_batch} x {cfg.data.seq_len}",
+        "step_time": f"{step_time:.3f} ({spread[0]:.3f}-{spread[1]:.3f})",
+        "tokens_per_sec": tokens_per_sec,
+        "tflops": per_device / 1e12,
+        "mfu": per_device / peak,
+        "peak": f"{peak / 1e12:.3g} TFLOP/s ({peak_source})",
+        "compile_s": compile_s,
+        "memory": peak_memory,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", required=True,
+                        help="config file; repeat to measure several side by side")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="append rows to BENCHMARKS.md")
+    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    if len(overrides) != len(rest):
+        parser.error(f"unrecognised arguments: {[a for a in rest if a not in overrides]}")
+    device = jax.devices()[0]
+    device_name = f"{jax.device_count()}x {device.device_kind} ({device.platform}), jax {jax.__version__}"
+    date = datetime.date.today().isoformat()
+    commit = _commit()
+    rows = []
+    for config in args.config:
+        r = bench(config, overrides, args.steps, args.warmup)
+        print(
+            f"{r['config']}: {r['params']:,} params, step {r['step_time']} s, "
+            f"{r['tokens_per_sec']:,.0f} tokens/s, {r['tflops']:.3f} TFLOP/s/device, "
+            f"MFU {r['mfu']:.1%} of {r['peak']}, compile {r['compile_s']:.1f} s, "
+            f"memory {r['memory']}, loss {r['loss']:.3f}",
+            flush=True,
+        )
+        rows.append(
+            f"| {date} | {device_name} | {commit} | {r['config']} | {r['params'] / 1e6:.1f}M "
+            f"| {r['shape']} | {r['step_time']} | {r['tokens_per_sec']:,.0f} "
+            f"| {r['tflops']:.3f} | {r['mfu']:.1%} | {r['peak']} | {r['compile_s']:.1f} "
+            f"| {r['memory']} |\n"
+        )
+    if args.write:
+        path = Path(args.output)
+        text = path.read_text() if path.exists() else ""
+        if HEADER not in text:
+            text += "\n" + HEADER
+        command = "python tools/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        text = text.replace(HEADER, HEADER + "".join(rows), 1)
+        text += f"\n<!-- {date} {commit}: {command} -->\n"
+        path.write_text(text)
+        print(f"wrote {len(rows)} row(s) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
