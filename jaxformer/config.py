@@ -23,11 +23,19 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the offending key."""
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """The schema and defaults: a small byte-level decoder LM on the built-in corpus."""
-    c = ml_collections.ConfigDict()
+def _section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(type_safe=False)
 
-    c.model = ml_collections.ConfigDict()
+
+def base_config() -> ml_collections.ConfigDict:
+    """The schema and defaults: a small byte-level decoder LM on the built-in corpus.
+
+    Type safety is jaxformer's (``check_schema``), not ml_collections', so a config file
+    that assigns a wrong type gets the same message, naming the full key, as an override.
+    """
+    c = _section()
+
+    c.model = _section()
     m = c.model
     m.vocab_size = 384  # byte tokenizer (259 ids) padded up to a multiple of 128
     m.d_model = 128
@@ -52,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.init_std = 0.02
 
-    c.data = ml_collections.ConfigDict()
+    c.data = _section()
     d = c.data
     d.name = "stdlib"  # stdlib | text_files | tfds
     d.paths = ""  # glob(s) for text_files, comma separated
@@ -68,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.worker_count = 0
     d.seq_len = 256
 
-    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer = _section()
     o = c.optimizer
     o.name = "adamw"  # adamw | adafactor
     o.lr = 3e-3
@@ -83,24 +91,24 @@ def base_config() -> ml_collections.ConfigDict:
     o.decay_fraction = 0.2  # wsd: share of the run spent decaying
     o.rsqrt_scale = 1.0  # rsqrt: lr = scale * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)
 
-    c.train = ml_collections.ConfigDict()
+    c.train = _section()
     t = c.train
-    t.steps = 600
+    t.steps = 300
     t.global_batch = 16
     t.microbatches = 1  # gradient accumulation: the global batch is split into this many
     t.seed = 0
     t.label_smoothing = 0.0
     t.z_loss = 0.0
     t.log_every = 20
-    t.eval_every = 200
+    t.eval_every = 100
     t.eval_batches = 8
-    t.checkpoint_every = 200
+    t.checkpoint_every = 100
     t.keep_checkpoints = 3
     t.run_dir = "runs/default"
     t.async_checkpoints = True
     t.tensorboard = True
 
-    c.mesh = ml_collections.ConfigDict()
+    c.mesh = _section()
     c.mesh.data = -1  # -1: whatever the other axes leave
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
@@ -192,7 +200,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
             raise _unknown_key_error(key, known)
         section, _, leaf = key.rpartition(".")
         target = cfg[section] if section else cfg
-        target[leaf] = _check_type(key, _parse_value(raw), target[leaf])
+        value = _parse_value(raw)
+        if isinstance(target[leaf], str) and not isinstance(value, str):
+            value = raw  # a string field keeps its text: --config.train.run_dir=2024
+        target[leaf] = _check_type(key, value, target[leaf])
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -206,7 +217,10 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file '{file}' defines no get_config()")
-    cfg = module.get_config(arg) if arg else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except (TypeError, AttributeError, KeyError) as err:  # ml_collections' type checks
+        raise ConfigError(f"config file '{file}': {err}") from err
     cfg = check_schema(cfg)
     cfg.unlock()
     apply_overrides(cfg, overrides)

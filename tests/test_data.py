@@ -17,6 +17,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 
 from jaxformer.data import (
@@ -324,6 +325,39 @@ def test_missing_tfds_dataset_error(tmp_path: Path) -> None:
     assert "'lm1b'" in msg and str(tmp_path) in msg and "tfds build lm1b" in msg
     with pytest.raises(ValueError, match="Unknown TFDS dataset 'no_such_dataset_xyz'"):
         load_documents(data_config(name="tfds", tfds_name="no_such_dataset_xyz"), "train")
+    assert "tensorflow" not in sys.modules
+
+
+class TinyNamedCorpus(tfds.core.GeneratorBasedBuilder):
+    """A registered TFDS dataset prepared offline, standing in for lm1b and friends."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict({"sentence": tfds.features.Text()})
+        )
+
+    def _split_generators(self, dl_manager: object) -> dict:
+        return {"train": self._generate_examples(0, 40), "test": self._generate_examples(40, 50)}
+
+    def _generate_examples(self, start: int, stop: int) -> Iterator[tuple[int, dict]]:
+        for i in range(start, stop):
+            yield i, {"sentence": f"sentence number {i}: " + "ab" * (i % 7)}
+
+
+def test_named_tfds_dataset_goes_through_the_pipeline(tmp_path: Path) -> None:
+    builder = TinyNamedCorpus(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    cfg = data_config(
+        name="tfds", tfds_name="tiny_named_corpus", text_key="sentence",
+        data_dir=str(tmp_path), eval_split="test",
+    )  # fmt: skip
+    docs = load_documents(cfg, "test")
+    assert sorted(docs[i] for i in range(len(docs)))[0].startswith("sentence number 40")
+    batches = _all_batches(cfg, seq_len=32, global_batch=4, split="test")
+    tokens = sum(int(b["weights"].sum()) for b in batches)
+    assert tokens == sum(len(docs[i].encode()) + 1 for i in range(len(docs)))
     assert "tensorflow" not in sys.modules
 
 

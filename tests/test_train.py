@@ -50,7 +50,8 @@ def test_resume_matches_uninterrupted_run_bit_for_bit(tmp_path: Path) -> None:
 
     interrupted = tmp_path / "interrupted"
     train(tiny_config(interrupted, 3))  # stops after step 3, as a preempted job would
-    assert Checkpointer(interrupted / "checkpoints", keep=3, every=3, use_async=False).latest_step() == 3
+    ckpt = Checkpointer(interrupted / "checkpoints", keep=3, every=3, use_async=False)
+    assert ckpt.latest_step() == 3
     train(tiny_config(interrupted, 6))  # same directory: resumes without flags
 
     expected, resumed = train_losses(straight), train_losses(interrupted)
@@ -61,14 +62,18 @@ def test_resume_matches_uninterrupted_run_bit_for_bit(tmp_path: Path) -> None:
     # The data iterator continues where it stopped: the state saved at step 3 yields the
     # 4th batch of a fresh iterator, no batch repeated or skipped.
     cfg = tiny_config(interrupted, 6)
-    ckpt = Checkpointer(interrupted / "checkpoints", keep=3, every=3, use_async=False)
     data_state = ckpt.manager.restore(3, args=_data_only())["data"]
 
     def dataset():
         return jdata.make_dataset(
-            cfg.data, split=cfg.data.train_split, seq_len=cfg.data.seq_len,
-            global_batch=cfg.train.global_batch, process_index=0, process_count=1,
-            seed=cfg.data.shuffle_seed, repeat=True,
+            cfg.data,
+            split=cfg.data.train_split,
+            seq_len=cfg.data.seq_len,
+            global_batch=cfg.train.global_batch,
+            process_index=0,
+            process_count=1,
+            seed=cfg.data.shuffle_seed,
+            repeat=True,
         )
 
     fresh = iter(dataset())
@@ -89,16 +94,24 @@ def _data_only():
 def test_eval_command_reads_latest_checkpoint(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
     train(tiny_config(run_dir, 3))
-    argv = ["eval", f"--config={ROOT / 'configs/default.py'}", *TINY,
-            f"--config.train.run_dir={run_dir}", "--batches=2"]
+    argv = [
+        "eval",
+        f"--config={ROOT / 'configs/default.py'}",
+        *TINY,
+        f"--config.train.run_dir={run_dir}",
+        "--batches=2",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "step 3 eval: loss" in out and "bits_per_byte" in out
 
 
 def test_eval_without_checkpoint_names_run_dir(tmp_path: Path, capsys) -> None:
-    argv = ["eval", f"--config={ROOT / 'configs/default.py'}",
-            f"--config.train.run_dir={tmp_path / 'empty'}"]
+    argv = [
+        "eval",
+        f"--config={ROOT / 'configs/default.py'}",
+        f"--config.train.run_dir={tmp_path / 'empty'}",
+    ]
     assert cli.main(argv) == 2
     assert "train.run_dir" in capsys.readouterr().err
 
@@ -118,9 +131,19 @@ def test_readme_main_command_halves_held_out_loss(tmp_path: Path) -> None:
     run_dir = tmp_path / "default"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
-        [sys.executable, "-m", "jaxformer.cli", "train", "--config=configs/default.py",
-         f"--config.train.run_dir={run_dir}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "jaxformer.cli",
+            "train",
+            "--config=configs/default.py",
+            f"--config.train.run_dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     evals = read_metrics(run_dir, "eval")

@@ -113,33 +113,60 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", required=True,
-                        help="config file; repeat to measure several side by side")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="--config.KEY=VALUE overrides before the first --config apply to every config; "
+        "after a --config, to that config only.",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="config file; repeat to measure several side by side",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--write", action="store_true", help="append rows to BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="add rows to BENCHMARKS.md")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
-    overrides = [a for a in rest if a.startswith("--config.")]
-    if len(overrides) != len(rest):
-        parser.error(f"unrecognised arguments: {[a for a in rest if a not in overrides]}")
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognised arguments: {unknown}")
+    shared: list[str] = []
+    runs: list[tuple[str, list[str]]] = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            runs.append((arg.split("=", 1)[1], list(shared)))
+        elif arg.startswith("--config."):
+            (runs[-1][1] if runs else shared).append(arg)
     device = jax.devices()[0]
-    device_name = f"{jax.device_count()}x {device.device_kind} ({device.platform}), jax {jax.__version__}"
+    device_name = (
+        f"{jax.device_count()}x {device.device_kind} ({device.platform}), jax {jax.__version__}"
+    )
     date = datetime.date.today().isoformat()
     commit = _commit()
     rows = []
-    for config in args.config:
+    for config, overrides in runs:
         r = bench(config, overrides, args.steps, args.warmup)
         print(
             f"{r['config']}: {r['params']:,} params, step {r['step_time']} s, "
@@ -159,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         text = path.read_text() if path.exists() else ""
         if HEADER not in text:
             text += "\n" + HEADER
-        command = "python tools/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        command = "python tools/benchmark.py " + shlex.join(argv)
         text = text.replace(HEADER, HEADER + "".join(rows), 1)
         text += f"\n<!-- {date} {commit}: {command} -->\n"
         path.write_text(text)

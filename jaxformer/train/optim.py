@@ -15,8 +15,8 @@ def make_schedule(opt_cfg: Any, total_steps: int, d_model: int) -> optax.Schedul
     ``rsqrt`` is Vaswani et al.'s lr = scale * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)
     with t = step + 1; it ignores ``optimizer.lr``. The others warm up linearly from 0 to
     ``lr`` over ``warmup_steps`` and then hold (constant), decay linearly or along a cosine
-    to ``min_lr_ratio * lr`` by the last step, or (WSD) hold and decay linearly over the
-    last ``decay_fraction`` of the run.
+    to ``min_lr_ratio * lr`` at step ``total_steps`` (one past the last update), or (WSD)
+    hold and decay linearly over the last ``decay_fraction`` of the run.
     """
     lr, warmup = opt_cfg.lr, opt_cfg.warmup_steps
     floor = opt_cfg.min_lr_ratio * lr
@@ -73,13 +73,19 @@ def make_optimizer(opt_cfg: Any, total_steps: int, d_model: int) -> optax.Gradie
             mask=_decay_mask,
         )
     elif opt_cfg.name == "adafactor":
-        tx = optax.adafactor(
-            schedule,
-            momentum=opt_cfg.b1 if opt_cfg.b1 > 0 else None,
-            weight_decay_rate=opt_cfg.weight_decay or None,
-            weight_decay_mask=_decay_mask,
-            multiply_by_parameter_scale=False,
-        )
+        # optax.adafactor's own weight decay is added after the learning rate, so it would
+        # shrink weights by ``weight_decay`` every step; put it before the learning rate
+        # instead, decoupled and lr-scaled as in AdamW.
+        parts = [
+            optax.scale_by_factored_rms(),
+            optax.clip_by_block_rms(1.0),
+        ]
+        if opt_cfg.b1 > 0:
+            parts.append(optax.ema(opt_cfg.b1, debias=False))
+        if opt_cfg.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(opt_cfg.weight_decay, mask=_decay_mask))
+        parts.append(optax.scale_by_learning_rate(schedule))
+        tx = optax.chain(*parts)
     else:
         raise ValueError(f"unknown optimizer {opt_cfg.name!r}")
     if opt_cfg.clip_norm > 0:

@@ -1,0 +1,1 @@
+"""Training: loss, optimizers, the train step, checkpoints, the loop and its logs."""
