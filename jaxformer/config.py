@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.head_dim = 0  # 0 means d_model // num_heads
     m.d_ff = 512
     m.max_len = 256  # longest sequence the positions support
-    m.position = "rope"  # rope | learned | sinusoidal
+    m.position = "rope"  # rope | learned | sinusoidal | alibi | none
     m.rope_base = 10000.0
     m.norm = "rmsnorm"  # rmsnorm | layernorm
     m.norm_position = "pre"  # pre | post
@@ -56,6 +56,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0
     m.scan_layers = True
     m.remat = "none"  # none | full | dots | dots_no_batch
+    m.attention_impl = "einsum"  # einsum (reference) | dot_product (jax.nn, cuDNN on GPU)
+    m.sliding_window = 0  # attend only to the last N positions; 0 = unlimited
+    m.moe_experts = 0  # experts per MoE MLP; 0 = dense MLP
+    m.moe_top_k = 2  # experts each token is routed to
+    m.moe_capacity_factor = 1.25  # expert capacity = factor * tokens * top_k / experts
+    m.moe_d_ff = 0  # hidden width of each expert; 0 = d_ff
+    m.moe_aux_loss = 0.01  # Switch load-balancing loss weight
+    m.moe_z_loss = 0.001  # ST-MoE router z-loss weight
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     m.param_dtype = "float32"
     m.init_std = 0.02
@@ -116,7 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "model.position": ("rope", "learned", "sinusoidal"),
+    "model.position": ("rope", "learned", "sinusoidal", "alibi", "none"),
+    "model.attention_impl": ("einsum", "dot_product"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("swiglu", "gelu", "relu"),

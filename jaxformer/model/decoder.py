@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,6 +45,14 @@ class ModelConfig:
     dropout: float
     scan_layers: bool
     remat: str
+    attention_impl: str
+    sliding_window: int
+    moe_experts: int
+    moe_top_k: int
+    moe_capacity_factor: float
+    moe_d_ff: int
+    moe_aux_loss: float
+    moe_z_loss: float
     dtype: Any
     param_dtype: Any
     init_std: float
@@ -68,6 +77,22 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
         self.mlp = MLP(cfg, rngs)
 
+    def _residuals(
+        self, x_BxLxD: jax.Array, attend: Callable, key: jax.Array | None
+    ) -> tuple[jax.Array, Any]:
+        """Wraps ``attend`` (normed input -> (output, extra)) and the MLP in residuals."""
+        rate = self.cfg.dropout
+        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+        if self.cfg.norm_position == "pre":
+            h, extra = attend(self.attn_norm(x_BxLxD))
+            x_BxLxD = x_BxLxD + dropout(h, rate, k_attn)
+            x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), rate, k_mlp)
+        else:
+            h, extra = attend(x_BxLxD)
+            x_BxLxD = self.attn_norm(x_BxLxD + dropout(h, rate, k_attn))
+            x_BxLxD = self.mlp_norm(x_BxLxD + dropout(self.mlp(x_BxLxD), rate, k_mlp))
+        return constrain(x_BxLxD, ("batch", "length", "act_embed")), extra
+
     def __call__(
         self,
         x_BxLxD: jax.Array,
@@ -75,17 +100,26 @@ class Block(nnx.Module):
         positions_BxL: jax.Array,
         key: jax.Array | None,
     ) -> jax.Array:
-        rate = self.cfg.dropout
-        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        if self.cfg.norm_position == "pre":
-            h = self.attn(self.attn_norm(x_BxLxD), mask_BxLxS, positions_BxL)
-            x_BxLxD = x_BxLxD + dropout(h, rate, k_attn)
-            x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), rate, k_mlp)
-        else:
-            h = self.attn(x_BxLxD, mask_BxLxS, positions_BxL)
-            x_BxLxD = self.attn_norm(x_BxLxD + dropout(h, rate, k_attn))
-            x_BxLxD = self.mlp_norm(x_BxLxD + dropout(self.mlp(x_BxLxD), rate, k_mlp))
-        return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+        def attend(h: jax.Array) -> tuple[jax.Array, None]:
+            return self.attn(h, mask_BxLxS, positions_BxL), None
+
+        return self._residuals(x_BxLxD, attend, key)[0]
+
+    def decode(
+        self,
+        x_BxTxD: jax.Array,
+        mask_BxTxS: jax.Array,
+        positions_BxT: jax.Array,
+        key_positions_BxS: jax.Array,
+        kv_cache: dict[str, jax.Array],
+        index: jax.Array,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        def attend(h: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+            return self.attn.decode(
+                h, mask_BxTxS, positions_BxT, key_positions_BxS, kv_cache, index
+            )
+
+        return self._residuals(x_BxTxD, attend, None)
 
 
 class DecoderLM(nnx.Module):
@@ -160,33 +194,24 @@ class DecoderLM(nnx.Module):
 
         return scan_fn(x_BxLxD, self.blocks, keys)
 
-    def __call__(
-        self,
-        inputs_BxL: jax.Array,
-        segment_ids_BxL: jax.Array,
-        positions_BxL: jax.Array,
-        dropout_key: jax.Array | None = None,
+    def _embed(
+        self, inputs_BxL: jax.Array, positions_BxL: jax.Array, key: jax.Array | None
     ) -> jax.Array:
-        """Returns float32 logits [B, L, V]; ``dropout_key=None`` runs deterministically."""
         cfg = self.cfg
         # The lookup reads a gathered copy of the table: a gather from a vocab-sharded
         # table would make XLA replicate it anyway, through a slower path.
         table_VxD = constrain(self.embed[...], (None, None))
         x_BxLxD = jnp.take(table_VxD, inputs_BxL, axis=0).astype(cfg.dtype)
         if cfg.position == "learned":
-            x_BxLxD = x_BxLxD + jnp.take(self.pos_embed[...], positions_BxL, axis=0).astype(
-                cfg.dtype
-            )
+            pos_BxLxD = jnp.take(self.pos_embed[...], positions_BxL, axis=0)
+            x_BxLxD = x_BxLxD + pos_BxLxD.astype(cfg.dtype)
         elif cfg.position == "sinusoidal":
             x_BxLxD = x_BxLxD + sinusoidal_positions(positions_BxL, cfg.d_model).astype(cfg.dtype)
-        embed_key = block_key = None
-        if dropout_key is not None:
-            embed_key, block_key = jax.random.split(dropout_key)
-        x_BxLxD = constrain(
-            dropout(x_BxLxD, cfg.dropout, embed_key), ("batch", "length", "act_embed")
-        )
-        mask_BxLxS = attention_mask(segment_ids_BxL, causal=True)
-        x_BxLxD = self._run_blocks(x_BxLxD, mask_BxLxS, positions_BxL, block_key)
+        x_BxLxD = dropout(x_BxLxD, cfg.dropout, key)
+        return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
         if self.lm_head is None:
@@ -199,6 +224,87 @@ class DecoderLM(nnx.Module):
         else:
             logits_BxLxV = self.lm_head(x_BxLxD).astype(jnp.float32)
         return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+
+    def __call__(
+        self,
+        inputs_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Returns float32 logits [B, L, V]; ``dropout_key=None`` runs deterministically."""
+        embed_key = block_key = None
+        if dropout_key is not None:
+            embed_key, block_key = jax.random.split(dropout_key)
+        x_BxLxD = self._embed(inputs_BxL, positions_BxL, embed_key)
+        mask_BxLxS = attention_mask(
+            segment_ids_BxL, causal=True, positions_BxL=positions_BxL,
+            window=self.cfg.sliding_window,
+        )  # fmt: skip
+        x_BxLxD = self._run_blocks(x_BxLxD, mask_BxLxS, positions_BxL, block_key)
+        return self._logits(x_BxLxD)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
+        """An empty decoding cache of ``max_len`` slots per row (segment id 0 = empty)."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return {
+            "k": jnp.zeros(shape, dtype or cfg.dtype),
+            "v": jnp.zeros(shape, dtype or cfg.dtype),
+            "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+            "positions": jnp.zeros((batch_size, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32),
+        }
+
+    def decode(
+        self,
+        inputs_BxT: jax.Array,
+        segment_ids_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        cache: dict[str, jax.Array],
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits for T new tokens given everything already in ``cache``, and the new cache.
+
+        Prefill a prompt with T = its length, then feed one token at a time. Rows may be
+        left-padded with segment id 0, which no token attends to.
+        """
+        cfg = self.cfg
+        index = cache["index"]
+        seg_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxT, (0, index))
+        pos_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxT, (0, index))
+        mask_BxTxS = attention_mask(
+            segment_ids_BxT, causal=True, key_segment_ids_BxS=seg_BxS,
+            positions_BxL=positions_BxT, key_positions_BxS=pos_BxS, window=cfg.sliding_window,
+        )  # fmt: skip
+        x_BxTxD = self._embed(inputs_BxT, positions_BxT, None)
+
+        def step(block: Block, x: jax.Array, k: jax.Array, v: jax.Array) -> tuple:
+            x, kv = block.decode(x, mask_BxTxS, positions_BxT, pos_BxS, {"k": k, "v": v}, index)
+            return x, (kv["k"], kv["v"])
+
+        if cfg.scan_layers:
+            scan = nnx.scan(
+                lambda x, block, k, v: step(block, x, k, v),
+                in_axes=(nnx.Carry, 0, 0, 0),
+                out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"},
+            )
+            x_BxTxD, (k_cache, v_cache) = scan(x_BxTxD, self.blocks, cache["k"], cache["v"])
+        else:
+            ks, vs = [], []
+            for i, block in enumerate(self.blocks):
+                x_BxTxD, (k, v) = step(block, x_BxTxD, cache["k"][i], cache["v"][i])
+                ks.append(k)
+                vs.append(v)
+            k_cache, v_cache = jnp.stack(ks), jnp.stack(vs)
+        new_cache = {
+            "k": k_cache,
+            "v": v_cache,
+            "segment_ids": seg_BxS,
+            "positions": pos_BxS,
+            "index": index + inputs_BxT.shape[1],
+        }
+        return self._logits(x_BxTxD), new_cache
 
 
 def count_params(state: Any) -> int:

@@ -117,14 +117,93 @@ def rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, base: float) -> jax.Ar
     return out.astype(x_BxLxHxDh.dtype)
 
 
-def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
-    """True where query i may attend to key j: same (non-padding) document, and j <= i."""
-    seg_q, seg_k = segment_ids_BxL[:, :, None], segment_ids_BxL[:, None, :]
-    mask_BxLxS = (seg_q == seg_k) & (seg_q > 0)
-    if causal:
+def attention_mask(
+    segment_ids_BxL: jax.Array,
+    causal: bool,
+    *,
+    key_segment_ids_BxS: jax.Array | None = None,
+    positions_BxL: jax.Array | None = None,
+    key_positions_BxS: jax.Array | None = None,
+    window: int = 0,
+) -> jax.Array:
+    """True where query i may attend to key j: same non-padding document, and (causal)
+    j not after i, and (``window > 0``) j fewer than ``window`` positions before i.
+
+    Keys default to the queries (self-attention). With positions given, "after" and the
+    window compare positions, which also holds for keys in a decoding cache.
+    """
+    seg_k = segment_ids_BxL if key_segment_ids_BxS is None else key_segment_ids_BxS
+    mask_BxLxS = (segment_ids_BxL[:, :, None] == seg_k[:, None, :]) & (
+        segment_ids_BxL[:, :, None] > 0
+    )
+    if positions_BxL is None:
         length = segment_ids_BxL.shape[1]
-        mask_BxLxS &= jnp.tril(jnp.ones((length, length), bool))[None]
+        positions_BxL = jnp.broadcast_to(jnp.arange(length), segment_ids_BxL.shape)
+    pos_k = positions_BxL if key_positions_BxS is None else key_positions_BxS
+    distance_BxLxS = positions_BxL[:, :, None] - pos_k[:, None, :]
+    if causal:
+        mask_BxLxS &= distance_BxLxS >= 0
+    if window > 0:
+        mask_BxLxS &= jnp.abs(distance_BxLxS) < window
     return mask_BxLxS
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+    """Press et al.: 2^(-8k/n) for k = 1..n; for n not a power of two, the slopes of the
+    next lower power of two followed by every other slope of the next higher one."""
+
+    def powers(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+
+    low = 2 ** math.floor(math.log2(num_heads))
+    slopes = powers(low) + powers(2 * low)[0::2][: num_heads - low]
+    return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(num_heads: int, positions_BxL: jax.Array, key_positions_BxS: jax.Array) -> jax.Array:
+    """The ALiBi logit bias -m_h * |i - j|, shaped [B, H, L, S]."""
+    distance_BxLxS = jnp.abs(positions_BxL[:, :, None] - key_positions_BxS[:, None, :])
+    slopes_H = alibi_slopes(num_heads)
+    return -slopes_H[None, :, None, None] * distance_BxLxS[:, None].astype(jnp.float32)
+
+
+def dot_product_attention(
+    q_BxLxHxDh: jax.Array,
+    k_BxSxKxDh: jax.Array,
+    v_BxSxKxDh: jax.Array,
+    mask_BxLxS: jax.Array,
+    bias_BxHxLxS: jax.Array | None,
+    *,
+    implementation: str,
+    scale: float,
+) -> jax.Array:
+    """Softmax(q k^T * scale + bias, masked) v with grouped KV heads.
+
+    ``einsum`` is the reference: plain XLA ops, float32 logits. ``dot_product`` calls
+    ``jax.nn.dot_product_attention``, which picks cuDNN's fused kernel on GPUs when the
+    shapes allow and XLA elsewhere.
+    """
+    b, length, h, dh = q_BxLxHxDh.shape
+    kv = k_BxSxKxDh.shape[2]
+    if implementation == "dot_product":
+        return jax.nn.dot_product_attention(
+            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+            bias=None if bias_BxHxLxS is None else bias_BxHxLxS.astype(q_BxLxHxDh.dtype),
+            mask=mask_BxLxS[:, None], scale=scale,
+        )  # fmt: skip
+    q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, length, kv, h // kv, dh)
+    att_BxKxGxLxS = (
+        jnp.einsum(
+            "blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh, preferred_element_type=jnp.float32
+        )
+        * scale
+    )
+    if bias_BxHxLxS is not None:
+        att_BxKxGxLxS += bias_BxHxLxS.reshape(-1, kv, h // kv, *bias_BxHxLxS.shape[2:])
+    att_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], att_BxKxGxLxS, -1e30)
+    probs_BxKxGxLxS = jax.nn.softmax(att_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
+    out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxDh)
+    return out_BxLxKxGxDh.reshape(b, length, h, dh)
 
 
 class Attention(nnx.Module):
@@ -148,29 +227,69 @@ class Attention(nnx.Module):
         )
         self.cfg = cfg
 
+    def _qkv(
+        self, x_BxLxD: jax.Array, positions_BxL: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q_BxLxHxDh = constrain(self.q(x_BxLxD), ("batch", "length", "act_heads", None))
+        k_BxLxKxDh = constrain(self.k(x_BxLxD), ("batch", "length", "act_kv_heads", None))
+        v_BxLxKxDh = constrain(self.v(x_BxLxD), ("batch", "length", "act_kv_heads", None))
+        if self.cfg.position == "rope":
+            q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, self.cfg.rope_base)
+            k_BxLxKxDh = rope(k_BxLxKxDh, positions_BxL, self.cfg.rope_base)
+        return q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh
+
+    def _attend(
+        self,
+        q_BxLxHxDh: jax.Array,
+        k_BxSxKxDh: jax.Array,
+        v_BxSxKxDh: jax.Array,
+        mask_BxLxS: jax.Array,
+        positions_BxL: jax.Array,
+        key_positions_BxS: jax.Array,
+    ) -> jax.Array:
+        cfg = self.cfg
+        bias = None
+        if cfg.position == "alibi":
+            bias = alibi_bias(cfg.num_heads, positions_BxL, key_positions_BxS)
+        out_BxLxHxDh = dot_product_attention(
+            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias,
+            implementation=cfg.attention_impl, scale=1.0 / math.sqrt(cfg.head_dim),
+        )  # fmt: skip
+        out_BxLxHxDh = constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None))
+        return self.o(out_BxLxHxDh)
+
     def __call__(
         self, x_BxLxD: jax.Array, mask_BxLxS: jax.Array, positions_BxL: jax.Array
     ) -> jax.Array:
-        cfg = self.cfg
-        q_BxLxHxDh = constrain(self.q(x_BxLxD), ("batch", "length", "act_heads", None))
-        k_BxSxKxDh = constrain(self.k(x_BxLxD), ("batch", "length", "act_kv_heads", None))
-        v_BxSxKxDh = constrain(self.v(x_BxLxD), ("batch", "length", "act_kv_heads", None))
-        if cfg.position == "rope":
-            q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, cfg.rope_base)
-            k_BxSxKxDh = rope(k_BxSxKxDh, positions_BxL, cfg.rope_base)
-        b, length, h, dh = q_BxLxHxDh.shape
-        kv = k_BxSxKxDh.shape[2]
-        q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, length, kv, h // kv, dh) / math.sqrt(dh)
-        att_BxKxGxLxS = jnp.einsum(
-            "blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh, preferred_element_type=jnp.float32
-        )
-        att_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], att_BxKxGxLxS, -1e30)
-        probs_BxKxGxLxS = jax.nn.softmax(att_BxKxGxLxS, axis=-1).astype(cfg.dtype)
-        out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxDh)
-        out_BxLxHxDh = constrain(
-            out_BxLxKxGxDh.reshape(b, length, h, dh), ("batch", "length", "act_heads", None)
-        )
-        return self.o(out_BxLxHxDh)
+        q, k, v = self._qkv(x_BxLxD, positions_BxL)
+        return self._attend(q, k, v, mask_BxLxS, positions_BxL, positions_BxL)
+
+    def decode(
+        self,
+        x_BxTxD: jax.Array,
+        mask_BxTxS: jax.Array,
+        positions_BxT: jax.Array,
+        key_positions_BxS: jax.Array,
+        kv_cache: dict[str, jax.Array],
+        index: jax.Array,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Attention for T new tokens against a KV cache of S slots.
+
+        Their keys and values are written at slots ``[index, index + T)``; ``mask_BxTxS``
+        says which slots each new token sees and ``key_positions_BxS`` holds every slot's
+        position (already updated). Returns the output and the updated ``{k, v}`` cache.
+        """
+        q, k, v = self._qkv(x_BxTxD, positions_BxT)
+        start = (0, index, 0, 0)
+        kv_cache = {
+            "k": jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start),
+            "v": jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start),
+        }
+        out = self._attend(
+            q, kv_cache["k"].astype(q.dtype), kv_cache["v"].astype(q.dtype), mask_BxTxS,
+            positions_BxT, key_positions_BxS,
+        )  # fmt: skip
+        return out, kv_cache
 
 
 class MLP(nnx.Module):
