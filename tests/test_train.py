@@ -116,6 +116,23 @@ def test_eval_without_checkpoint_names_run_dir(tmp_path: Path, capsys) -> None:
     assert "train.run_dir" in capsys.readouterr().err
 
 
+def test_missing_dataset_stops_before_compiling_and_names_the_key(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    argv = [
+        "train",
+        f"--config={ROOT / 'configs/default.py'}",
+        *TINY,
+        f"--config.train.run_dir={run_dir}",
+        "--config.data.name=tfds",
+        "--config.data.tfds_name=lm1b",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data error" in err and "'lm1b'" in err and "data.data_dir" in err
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_tokenizer_larger_than_model_vocab_is_rejected(tmp_path: Path) -> None:
     from jaxformer.config import ConfigError
 

@@ -1,5 +1,6 @@
 """Data: tokenizers, the local-text TFDS builder and the grain input pipeline."""
 
+from jaxformer.data.errors import DataError, MissingDataError
 from jaxformer.data.pipeline import (
     BATCH_KEYS,
     bits_per_byte,
@@ -17,6 +18,8 @@ from jaxformer.data.tokenizers import (
 __all__ = [
     "BATCH_KEYS",
     "ByteTokenizer",
+    "DataError",
+    "MissingDataError",
     "SentencePieceTokenizer",
     "Tokenizer",
     "bits_per_byte",

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from jaxformer.data import text_files
+from jaxformer.data.errors import DataError, MissingDataError
 from jaxformer.data.tokenizers import Tokenizer, build_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -45,7 +46,7 @@ def _tfds_source(data_cfg: Any, split: str) -> Any:
     """Opens a named, already prepared TFDS dataset without downloading anything."""
     name = data_cfg.tfds_name
     if not name:
-        raise ValueError("data.name='tfds' needs data.tfds_name (e.g. 'lm1b').")
+        raise DataError("data.name='tfds' needs data.tfds_name (e.g. 'lm1b').")
     data_dir = os.path.expanduser(data_cfg.get("data_dir", "")) or None
     where = data_dir or f"the default TFDS data_dir ({tfds.core.constants.DATA_DIR})"
     how = (
@@ -57,16 +58,16 @@ def _tfds_source(data_cfg: Any, split: str) -> Any:
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"Unknown TFDS dataset {name!r} (data.tfds_name).") from e
+        raise DataError(f"Unknown TFDS dataset {name!r} (data.tfds_name).") from e
     if not builder.is_prepared():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"TFDS dataset {name!r} is not prepared in {where} "
             f"(looked for {builder.data_dir}). {how}"
         )
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except NotImplementedError as e:  # prepared as tfrecord: no random access
-        raise ValueError(f"TFDS dataset {name!r} in {where} is not array_record. {how}") from e
+        raise DataError(f"TFDS dataset {name!r} in {where} is not array_record. {how}") from e
 
 
 def _text_files_source(data_cfg: Any, split: str, *, stdlib: bool) -> Any:
@@ -76,7 +77,7 @@ def _text_files_source(data_cfg: Any, split: str, *, stdlib: bool) -> Any:
     else:
         paths = data_cfg.get("paths", "")
         if not paths:
-            raise ValueError("data.name='text_files' needs data.paths (a glob, comma-separated).")
+            raise DataError("data.name='text_files' needs data.paths (a glob, comma-separated).")
         files, label = text_files.glob_files(paths), "files"
     # text_key only matters for .jsonl; keep it out of the cache key otherwise.
     has_jsonl = any(f.path.endswith(".jsonl") for f in files)
@@ -90,7 +91,7 @@ def _text_files_source(data_cfg: Any, split: str, *, stdlib: bool) -> Any:
     splits = list(builder.info.splits.keys())
     base = split.split("[", 1)[0]
     if base not in splits:
-        raise ValueError(f"Split {split!r} not in {splits} for data.name={data_cfg.name!r}.")
+        raise DataError(f"Split {split!r} not in {splits} for data.name={data_cfg.name!r}.")
     return builder.as_data_source(split)
 
 
@@ -123,9 +124,9 @@ def load_documents(data_cfg: Any, split: str) -> grain.MapDataset:
     elif name == "tfds":
         source, key = _tfds_source(data_cfg, split), data_cfg.get("text_key", "text")
     else:
-        raise ValueError(f"Unknown data.name={name!r}; expected 'stdlib', 'text_files' or 'tfds'.")
+        raise DataError(f"Unknown data.name={name!r}; expected 'stdlib', 'text_files' or 'tfds'.")
     if len(source) == 0:
-        raise ValueError(f"Split {split!r} of data.name={name!r} is empty.")
+        raise DataError(f"Split {split!r} of data.name={name!r} is empty.")
     return grain.MapDataset.source(source).map(_ExtractText(key))
 
 
@@ -237,11 +238,11 @@ def make_dataset(
     (weights 0) so every batch has the same shape and each token appears exactly once.
     """
     if global_batch <= 0 or seq_len <= 0:
-        raise ValueError(f"Need positive seq_len and batch, got {seq_len=} {global_batch=}.")
+        raise DataError(f"Need positive seq_len and batch, got {seq_len=} {global_batch=}.")
     if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(f"Bad host index {process_index} of {process_count}.")
+        raise DataError(f"Bad host index {process_index} of {process_count}.")
     if global_batch % process_count:
-        raise ValueError(
+        raise DataError(
             f"train.global_batch={global_batch} must be divisible by the number of "
             f"processes ({process_count})."
         )

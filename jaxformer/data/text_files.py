@@ -25,6 +25,8 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxformer.data.errors import DataError, MissingDataError
+
 DEFAULT_DATA_DIR = "~/.cache/jaxformer/tfds"
 DATA_DIR_ENV = "JAXFORMER_DATA_DIR"
 _GLOB_CHARS = "*?["
@@ -88,14 +90,14 @@ def glob_files(patterns: str) -> list[SourceFile]:
             continue
         matches = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
         if not matches:
-            raise FileNotFoundError(f"data.paths pattern {pattern!r} matched no files.")
+            raise MissingDataError(f"data.paths pattern {pattern!r} matched no files.")
         root = _glob_root(pattern)
         for path in matches:
             real = os.path.realpath(path)
             if real not in found:
                 found[real] = _source_file(path, root)
     if not found:
-        raise ValueError(f"data.paths={patterns!r} names no files.")
+        raise DataError(f"data.paths={patterns!r} names no files.")
     return sorted(found.values(), key=lambda f: (f.key, f.path))
 
 
@@ -126,7 +128,7 @@ def make_config(
     silently reusing stale data.
     """
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}.")
+        raise DataError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}.")
     h = hashlib.sha256()
     h.update(f"{TextFiles.VERSION}|{eval_fraction!r}|{text_key}\n".encode())
     for f in files:
@@ -154,7 +156,7 @@ def _jsonl_records(path: str, text_key: str) -> Iterator[tuple[int, str]]:
             try:
                 text = json.loads(line)[text_key]
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
+                raise DataError(
                     f"{path}:{lineno}: expected a JSON object with a string field "
                     f"{text_key!r} (data.text_key)"
                 ) from e
@@ -202,11 +204,11 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         cfg: TextFilesConfig = self.builder_config
         docs = self._documents()
         if not docs:
-            raise ValueError("The corpus has no documents.")
+            raise DataError("The corpus has no documents.")
         if cfg.eval_fraction == 0.0:
             return {"train": self._generate_examples(docs)}
         if len(docs) < 2:
-            raise ValueError("A train/eval split needs at least 2 documents.")
+            raise DataError("A train/eval split needs at least 2 documents.")
         hashes = [_unit_hash(key) for key, _, _ in docs]
         is_eval = [h < cfg.eval_fraction for h in hashes]
         # Tiny corpora: TFDS cannot write an empty split, so move the extreme document.

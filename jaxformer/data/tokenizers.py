@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import numpy as np
 import sentencepiece as spm
 
+from jaxformer.data.errors import DataError, MissingDataError
+
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
@@ -79,7 +81,7 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
         self.model_path = os.fspath(model_path)
         if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"SentencePiece model not found: {self.model_path}")
+            raise MissingDataError(f"SentencePiece model not found: {self.model_path}")
         with open(self.model_path, "rb") as f:
             self._init_from_proto(f.read())
 
@@ -92,7 +94,7 @@ class SentencePieceTokenizer:
         self.vocab_size = int(self._sp.get_piece_size())
         got = (self.pad_id, self.bos_id, self.eos_id)
         if got != (PAD_ID, BOS_ID, EOS_ID):
-            raise ValueError(
+            raise DataError(
                 f"SentencePiece model {self.model_path} has (pad, bos, eos) = {got}; "
                 f"jaxformer needs {(PAD_ID, BOS_ID, EOS_ID)}. Retrain it with "
                 "tools/train_tokenizer.py."
@@ -150,15 +152,15 @@ def build_tokenizer(data_cfg: Any) -> ByteTokenizer | SentencePieceTokenizer:
     if kind == "sentencepiece":
         path = os.path.expanduser(str(data_cfg.get("spm_model", "") or ""))
         if not path:
-            raise ValueError(
+            raise DataError(
                 "data.tokenizer='sentencepiece' needs data.spm_model (a .model file); "
                 "train one with `python tools/train_tokenizer.py --output-prefix PREFIX`."
             )
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"data.spm_model={path!r} does not exist; train one with "
                 "`python tools/train_tokenizer.py --output-prefix PREFIX` and point "
                 "data.spm_model at PREFIX.model."
             )
         return SentencePieceTokenizer(path)
-    raise ValueError(f"Unknown data.tokenizer={kind!r}; expected 'byte' or 'sentencepiece'.")
+    raise DataError(f"Unknown data.tokenizer={kind!r}; expected 'byte' or 'sentencepiece'.")

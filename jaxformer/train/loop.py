@@ -42,6 +42,20 @@ class Run:
     run_dir: Path
     restored_step: int | None
     data_state: dict | None
+    train_data: Any  # grain IterDataset of this process's rows
+
+
+def _dataset(cfg: ml_collections.ConfigDict, split: str, repeat: bool) -> Any:
+    return jdata.make_dataset(
+        cfg.data,
+        split=split,
+        seq_len=cfg.data.seq_len,
+        global_batch=cfg.train.global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=cfg.data.shuffle_seed,
+        repeat=repeat,
+    )
 
 
 def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:
@@ -70,6 +84,9 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
             f"config key 'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the "
             f"tokenizer's vocabulary ({tokenizer.vocab_size})"
         )
+    # Open the data before compiling anything, so a missing dataset fails fast.
+    train_data = _dataset(cfg, cfg.data.train_split, repeat=True)
+    _dataset(cfg, cfg.data.eval_split, repeat=False)
     mesh = parallel.make_mesh(mesh_shape)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +125,7 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
         run_dir,
         restored,
         data_state,
+        train_data,
     )
 
 
@@ -121,16 +139,7 @@ def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None 
     cfg = run.cfg
     state = run.state if state is None else state
     max_batches = cfg.train.eval_batches if max_batches is None else max_batches
-    dataset = jdata.make_dataset(
-        cfg.data,
-        split=cfg.data.eval_split,
-        seq_len=cfg.data.seq_len,
-        global_batch=cfg.train.global_batch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        seed=cfg.data.shuffle_seed,
-        repeat=False,
-    )
+    dataset = _dataset(cfg, cfg.data.eval_split, repeat=False)
     totals = {"weight": 0.0, "nll": 0.0, "correct": 0.0}
     target_bytes = 0
     for i, local in enumerate(dataset):
@@ -181,17 +190,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     if start:
         logger.info(f"resumed from checkpoint at step {start}")
 
-    dataset = jdata.make_dataset(
-        cfg.data,
-        split=cfg.data.train_split,
-        seq_len=cfg.data.seq_len,
-        global_batch=t.global_batch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        seed=cfg.data.shuffle_seed,
-        repeat=True,
-    )
-    batches = iter(dataset)
+    batches = iter(run.train_data)
     if run.data_state is not None:
         batches.set_state(run.data_state)
 
