@@ -211,6 +211,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             mark_time = time.perf_counter()
         else:
             state, metrics = run.train_step(state, batch)
+        logger.advance(step)
         if step % t.log_every == 0 or step == t.steps:
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
