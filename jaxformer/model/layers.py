@@ -136,6 +136,8 @@ def attention_mask(
     mask_BxLxS = (segment_ids_BxL[:, :, None] == seg_k[:, None, :]) & (
         segment_ids_BxL[:, :, None] > 0
     )
+    if not causal and window <= 0:
+        return mask_BxLxS
     if positions_BxL is None:
         length = segment_ids_BxL.shape[1]
         positions_BxL = jnp.broadcast_to(jnp.arange(length), segment_ids_BxL.shape)
@@ -263,6 +265,19 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         q, k, v = self._qkv(x_BxLxD, positions_BxL)
         return self._attend(q, k, v, mask_BxLxS, positions_BxL, positions_BxL)
+
+    def cross(
+        self, x_BxLxD: jax.Array, memory_BxSxD: jax.Array, mask_BxLxS: jax.Array
+    ) -> jax.Array:
+        """Cross-attention: queries from ``x``, keys and values from the encoder's output."""
+        q_BxLxHxDh = constrain(self.q(x_BxLxD), ("batch", "length", "act_heads", None))
+        k_BxSxKxDh = constrain(self.k(memory_BxSxD), ("batch", "length", "act_kv_heads", None))
+        v_BxSxKxDh = constrain(self.v(memory_BxSxD), ("batch", "length", "act_kv_heads", None))
+        out_BxLxHxDh = dot_product_attention(
+            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, None,
+            implementation=self.cfg.attention_impl, scale=1.0 / math.sqrt(self.cfg.head_dim),
+        )  # fmt: skip
+        return self.o(constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None)))
 
     def decode(
         self,

@@ -1,0 +1,106 @@
+"""The encoder-decoder Transformer: sizes, masking between packed pairs, causality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxformer.config import base_config, load_config
+from jaxformer.model import count_params
+from jaxformer.model.decoder import ModelConfig
+from jaxformer.model.encoder_decoder import EncoderDecoder
+
+ROOT = Path(__file__).resolve().parent.parent
+V = 64
+
+
+@pytest.mark.parametrize(
+    ("config", "expected", "paper"),
+    [("transformer_base.py", 63_082_496, 65e6), ("transformer_big.py", 214_245_376, 213e6)],
+)
+def test_paper_sizes(config: str, expected: int, paper: float) -> None:
+    cfg = load_config(str(ROOT / "configs" / config))
+    model = nnx.eval_shape(lambda: EncoderDecoder(ModelConfig.from_config(cfg.model), nnx.Rngs(0)))
+    count = count_params(nnx.state(model))
+    assert count == expected  # papers.md: 63.1M and 214.3M with a 37k vocabulary and biases
+    assert abs(count - paper) / paper < 0.04
+
+
+def tiny(**overrides: object) -> EncoderDecoder:
+    c = base_config().model
+    c.update(
+        dict(
+            family="encoder_decoder",
+            vocab_size=V,
+            d_model=32,
+            d_ff=64,
+            num_heads=4,
+            num_layers=2,
+            num_encoder_layers=3,
+            position="sinusoidal",
+            norm="layernorm",
+            norm_position="post",
+            mlp="relu",
+            use_bias=True,
+            scale_embeddings=True,
+        )
+    )
+    c.update(overrides)
+    return EncoderDecoder(ModelConfig.from_config(c), nnx.Rngs(params=0))
+
+
+def batch() -> dict[str, jax.Array]:
+    """Row 0 packs two pairs (source 6 + 4 tokens, target 4 + 4); row 1 holds one pair."""
+    return {
+        "encoder_inputs": jax.random.randint(jax.random.key(0), (2, 10), 3, V),
+        "encoder_segment_ids": jnp.asarray([[1] * 6 + [2] * 4, [1] * 10]),
+        "encoder_positions": jnp.asarray([list(range(6)) + list(range(4)), list(range(10))]),
+        "inputs": jax.random.randint(jax.random.key(1), (2, 8), 3, V),
+        "segment_ids": jnp.asarray([[1] * 4 + [2] * 4, [1] * 7 + [0]]),
+        "positions": jnp.asarray([list(range(4)) * 2, list(range(7)) + [0]]),
+    }
+
+
+def test_layer_counts_and_shapes() -> None:
+    model = tiny()
+    assert jax.tree.leaves(nnx.state(model.encoder))[0].shape[0] == 3
+    assert jax.tree.leaves(nnx.state(model.decoder))[0].shape[0] == 2
+    assert model.apply_batch(batch()).shape == (2, 8, V)
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_packed_pairs_do_not_see_each_other(norm_position: str) -> None:
+    model = tiny(norm_position=norm_position)
+    b = batch()
+    logits = model.apply_batch(b)
+    # Changing the first pair's source changes only the first pair's target logits.
+    changed = dict(b, encoder_inputs=b["encoder_inputs"].at[0, 0].add(1))
+    after = model.apply_batch(changed)
+    np.testing.assert_array_equal(np.asarray(after[0, 4:]), np.asarray(logits[0, 4:]))
+    assert not np.allclose(np.asarray(after[0, :4]), np.asarray(logits[0, :4]))
+    # Changing the second pair's source changes only the second pair's target logits.
+    changed = dict(b, encoder_inputs=b["encoder_inputs"].at[0, 7].add(1))
+    after = model.apply_batch(changed)
+    np.testing.assert_array_equal(np.asarray(after[0, :4]), np.asarray(logits[0, :4]))
+
+
+def test_decoder_is_causal() -> None:
+    model = tiny()
+    b = batch()
+    logits = model.apply_batch(b)
+    changed = dict(b, inputs=b["inputs"].at[1, 5].add(1))
+    after = model.apply_batch(changed)
+    np.testing.assert_array_equal(np.asarray(after[1, :5]), np.asarray(logits[1, :5]))
+    assert not np.allclose(np.asarray(after[1, 5]), np.asarray(logits[1, 5]))
+
+
+def test_dropout_only_with_a_key() -> None:
+    model = tiny(dropout=0.1)
+    b = batch()
+    np.testing.assert_array_equal(model.apply_batch(b), model.apply_batch(b))
+    assert not np.allclose(model.apply_batch(b, jax.random.key(0)), model.apply_batch(b))
