@@ -1,4 +1,4 @@
-"""Data: tokenizers, the local-text TFDS builder and the grain input pipeline."""
+"""Data: tokenizers, the local-text TFDS builder and the grain LM and seq2seq pipelines."""
 
 from jaxformer.data.errors import DataError, MissingDataError
 from jaxformer.data.pipeline import (
@@ -7,6 +7,16 @@ from jaxformer.data.pipeline import (
     count_target_bytes,
     load_documents,
     make_dataset,
+)
+from jaxformer.data.seq2seq import (
+    SEQ2SEQ_BATCH_KEYS,
+    corpus_bleu,
+    decode_batch,
+    decode_until_eos,
+    load_pairs,
+    make_seq2seq_dataset,
+    reverse_words_pairs,
+    reverse_words_target,
 )
 from jaxformer.data.tokenizers import (
     ByteTokenizer,
@@ -20,11 +30,19 @@ __all__ = [
     "ByteTokenizer",
     "DataError",
     "MissingDataError",
+    "SEQ2SEQ_BATCH_KEYS",
     "SentencePieceTokenizer",
     "Tokenizer",
     "bits_per_byte",
     "build_tokenizer",
+    "corpus_bleu",
     "count_target_bytes",
+    "decode_batch",
+    "decode_until_eos",
     "load_documents",
+    "load_pairs",
     "make_dataset",
+    "make_seq2seq_dataset",
+    "reverse_words_pairs",
+    "reverse_words_target",
 ]

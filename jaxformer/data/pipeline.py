@@ -200,6 +200,44 @@ def _seeds(seed: int, n: int) -> list[int]:
     return [int(s) % 2**31 for s in state]
 
 
+def check_batching(
+    global_batch: int, process_index: int, process_count: int, *lengths: int
+) -> None:
+    """Rejects batch arithmetic no pipeline can serve, naming the config key."""
+    if global_batch <= 0 or min(lengths) <= 0:
+        raise DataError(f"Need positive lengths and batch, got {lengths=} {global_batch=}.")
+    if process_count <= 0 or not 0 <= process_index < process_count:
+        raise DataError(f"Bad host index {process_index} of {process_count}.")
+    if global_batch % process_count:
+        raise DataError(
+            f"train.global_batch={global_batch} must be divisible by the number of "
+            f"processes ({process_count})."
+        )
+
+
+def batch_and_prefetch(
+    rows: grain.IterDataset,
+    data_cfg: Any,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+) -> grain.IterDataset:
+    """Packed rows -> this host's share of each global batch, prefetched.
+
+    In-process by default (a thread overlaps packing with the training step, and the
+    state stays checkpointable); ``data.worker_count > 0`` uses grain worker processes.
+    """
+    ds = rows.batch(global_batch, drop_remainder=False)
+    ds = ds.map(_HostSlice(global_batch, process_index, process_count))
+    workers = int(data_cfg.get("worker_count", 0) or 0)
+    if workers > 0:
+        # grain's worker code reads absl flags; jaxformer's CLI does not use absl.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+
+
 # ---------------------------------------------------------------------------
 # The pipeline
 
@@ -237,15 +275,7 @@ def make_dataset(
     does not. With ``repeat=False`` the last global batch is padded with empty rows
     (weights 0) so every batch has the same shape and each token appears exactly once.
     """
-    if global_batch <= 0 or seq_len <= 0:
-        raise DataError(f"Need positive seq_len and batch, got {seq_len=} {global_batch=}.")
-    if process_count <= 0 or not 0 <= process_index < process_count:
-        raise DataError(f"Bad host index {process_index} of {process_count}.")
-    if global_batch % process_count:
-        raise DataError(
-            f"train.global_batch={global_batch} must be divisible by the number of "
-            f"processes ({process_count})."
-        )
+    check_batching(global_batch, process_index, process_count, seq_len)
     tokenizer = build_tokenizer(data_cfg)
     doc_seed, window_seed, pack_seed = _seeds(seed, 3)
 
@@ -268,17 +298,7 @@ def make_dataset(
         shuffle_bins=True,
     )
     ds = ds.map(_to_row)
-    ds = ds.batch(global_batch, drop_remainder=False)
-    ds = ds.map(_HostSlice(global_batch, process_index, process_count))
-    workers = int(data_cfg.get("worker_count", 0) or 0)
-    if workers > 0:
-        # grain's worker code reads absl flags; jaxformer's CLI does not use absl.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    else:  # overlap packing with the training step, still in-process and checkpointable
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
-    return ds
+    return batch_and_prefetch(ds, data_cfg, global_batch, process_index, process_count)
 
 
 # ---------------------------------------------------------------------------
