@@ -2,6 +2,7 @@
 
 jaxformer train --config=configs/default.py --config.optimizer.lr=1e-3
 jaxformer eval --config=configs/default.py
+jaxformer generate --config=configs/default.py --prompt="def " --temperature=0.8
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from jaxformer.config import ConfigError, load_config
+from jaxformer.data.errors import DataError
 
 log = logging.getLogger("jaxformer")
 
@@ -30,6 +33,20 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--batches", type=int, default=0, help="eval batches (0: the whole eval split)"
     )
+    gen = sub.add_parser(
+        "generate", help="continue a prompt with the latest checkpoint of train.run_dir"
+    )
+    gen.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    gen.add_argument("--prompt", default="", help="text to continue (after the bos token)")
+    gen.add_argument("--max_new_tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy (argmax)")
+    gen.add_argument("--top_k", type=int, default=40, help="sample from the k likeliest (0: all)")
+    gen.add_argument("--top_p", type=float, default=0.95, help="nucleus mass (1: all)")
+    gen.add_argument(
+        "--beam_size", type=int, default=0, help="beam search with this many beams (0: sample)"
+    )
+    gen.add_argument("--length_penalty", type=float, default=0.6, help="beam search GNMT alpha")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     return parser
 
 
@@ -42,9 +59,45 @@ def _split_overrides(rest: Sequence[str]) -> list[str]:
     return overrides
 
 
+def _generate(cfg: Any, args: argparse.Namespace) -> str:
+    """Restores the latest checkpoint and returns the decoded continuation of the prompt."""
+    import jax
+    import numpy as np
+
+    from jaxformer import data as jdata
+    from jaxformer import decode, parallel
+
+    tokenizer = jdata.build_tokenizer(cfg.data)
+    model, step, mesh = decode.restore_model(cfg)
+    log.info("generating from the checkpoint at step %d", step)
+    prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(args.prompt)]).astype(np.int32)
+    try:
+        decode.check_fits(model, len(prompt), args.max_new_tokens)
+    except ValueError as err:
+        raise ConfigError(f"{err}: lower --max_new_tokens") from err
+    common = dict(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)
+    with parallel.activate(mesh):
+        if args.beam_size > 0:
+            out = decode.beam_search(
+                model, prompt[None], beam_size=args.beam_size,
+                length_penalty_alpha=args.length_penalty, **common,
+            )  # fmt: skip
+            tokens = out.best_tokens_BxN[0]
+        else:
+            out = decode.generate(
+                model, prompt[None], temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, rng=jax.random.key(args.seed), **common,
+            )  # fmt: skip
+            tokens = out.tokens_BxN[0]
+    return tokenizer.decode(np.asarray(tokens))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,  # absl (imported by tfds) installs its own root handler
     )
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -64,8 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = evaluate(run, max_batches=args.batches)
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             print(f"step {run.restored_step} eval: {shown}")
+        elif args.command == "generate":
+            print(_generate(cfg, args))
     except ConfigError as err:
         print(f"jaxformer: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"jaxformer: data error: {err}", file=sys.stderr)
         return 2
     return 0
 

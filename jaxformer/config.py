@@ -37,9 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = _section()
     m = c.model
+    m.family = "decoder"  # decoder | encoder_decoder
     m.vocab_size = 384  # byte tokenizer (259 ids) padded up to a multiple of 128
     m.d_model = 128
-    m.num_layers = 4
+    m.num_layers = 4  # decoder layers
+    m.num_encoder_layers = 0  # encoder_decoder: encoder layers; 0 = num_layers
     m.num_heads = 4
     m.num_kv_heads = 0  # 0 means num_heads (MHA); fewer gives GQA, 1 gives MQA
     m.head_dim = 0  # 0 means d_model // num_heads
@@ -53,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.mlp = "swiglu"  # swiglu | gelu | relu
     m.use_bias = False
     m.tie_embeddings = True
+    m.scale_embeddings = False  # multiply embeddings by sqrt(d_model) (Vaswani et al.)
     m.dropout = 0.0
     m.scan_layers = True
     m.remat = "none"  # none | full | dots | dots_no_batch
@@ -70,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = _section()
     d = c.data
-    d.name = "stdlib"  # stdlib | text_files | tfds
+    d.name = "stdlib"  # stdlib | text_files | tfds | reverse_words (built-in seq2seq task)
     d.paths = ""  # glob(s) for text_files, comma separated
     d.tfds_name = ""
     d.text_key = "text"
@@ -82,7 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.spm_model = ""
     d.shuffle_seed = 0
     d.worker_count = 0
-    d.seq_len = 256
+    d.seq_len = 256  # decoder-side (target) tokens per row
+    # Sequence-to-sequence data (model.family = encoder_decoder):
+    d.source_seq_len = 0  # encoder-side tokens per row; 0 = seq_len
+    d.source_key = ""  # feature holding the source text, e.g. 'de' for wmt14_translate/de-en
+    d.target_key = ""  # feature holding the target text, e.g. 'en'
 
     c.optimizer = _section()
     o = c.optimizer
@@ -124,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
+    "model.family": ("decoder", "encoder_decoder"),
     "model.position": ("rope", "learned", "sinusoidal", "alibi", "none"),
     "model.attention_impl": ("einsum", "dot_product"),
     "model.norm": ("rmsnorm", "layernorm"),
@@ -132,7 +140,7 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "data.name": ("stdlib", "text_files", "tfds"),
+    "data.name": ("stdlib", "text_files", "tfds", "reverse_words"),
     "data.tokenizer": ("byte", "sentencepiece"),
     "optimizer.name": ("adamw", "adafactor"),
     "optimizer.schedule": ("constant", "linear", "cosine", "wsd", "rsqrt"),
@@ -278,6 +286,21 @@ def validate(
         raise ConfigError(
             f"config key 'model.num_heads' ({m.num_heads}) must divide model.d_model "
             f"({m.d_model}) unless model.head_dim is set"
+        )
+    seq2seq_data = cfg.data.name == "reverse_words" or (
+        cfg.data.name == "tfds" and bool(cfg.data.source_key)
+    )
+    if (m.family == "encoder_decoder") != seq2seq_data:
+        raise ConfigError(
+            f"config key 'model.family' ({m.family!r}) does not match the data "
+            f"(data.name={cfg.data.name!r}, data.source_key={cfg.data.source_key!r}): "
+            "encoder_decoder models train on source/target pairs (reverse_words, or tfds "
+            "with data.source_key and data.target_key), decoders on plain text"
+        )
+    if cfg.data.source_seq_len > m.max_len:
+        raise ConfigError(
+            f"config key 'data.source_seq_len' ({cfg.data.source_seq_len}) is above the "
+            f"model's limit model.max_len ({m.max_len})"
         )
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(

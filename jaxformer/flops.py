@@ -7,6 +7,12 @@ backward that computes gradients for both activations and weights). Attention sc
 does, although a causal mask makes half of it unnecessary. Embedding lookups, norms,
 softmax and elementwise work are not counted. Rematerialisation is not counted either:
 MFU measures useful model FLOPs, not the hardware FLOPs recomputation spends.
+
+Mixture of experts (``moe_experts > 0``): ``params`` counts every expert and the router
+(D x E per layer); ``matmul_params``, and so the FLOPs, count the parameters one token
+actually multiplies: its ``moe_top_k`` experts and the router. Capacity padding (empty
+slots computed anyway), dropped tokens, and the dispatch and combine gathers are not
+counted, for the same reason as rematerialisation.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ class FlopCount:
 
     params: int  # every parameter
     embedding_params: int  # token (and learned position) tables
-    matmul_params: int  # parameters that multiply activations (includes the output head)
+    matmul_params: int  # parameters that multiply a token (output head in; MoE: active only)
     attention_flops: int  # forward score and value FLOPs per token
     train_flops_per_token: int  # 3 x (2 x matmul_params + attention_flops)
 
@@ -36,22 +42,39 @@ class FlopCount:
 
 
 def count(model_cfg: Any, seq_len: int) -> FlopCount:
-    """Counts a decoder config (``cfg.model``) analytically, without building it."""
+    """Counts a config's model (``cfg.model``) analytically, without building it."""
     m = model_cfg
     heads, kv = m.num_heads, m.num_kv_heads or m.num_heads
     dh = m.head_dim or m.d_model // heads
     d, f, v, layers = m.d_model, m.d_ff, m.vocab_size, m.num_layers
     attn = d * heads * dh + 2 * d * kv * dh + heads * dh * d
-    mlp = (3 if m.mlp == "swiglu" else 2) * d * f
-    bias = 0
-    if m.use_bias:
-        bias = heads * dh + 2 * kv * dh + d + (2 if m.mlp == "swiglu" else 1) * f + d
-    norms = 2 * (2 if m.norm == "layernorm" else 1) * d
-    final_norm = (2 if m.norm == "layernorm" else 1) * d if m.norm_position == "pre" else 0
+    experts = getattr(m, "moe_experts", 0)
+    f = (m.moe_d_ff or f) if experts else f
+    per_mlp = (3 if m.mlp == "swiglu" else 2) * d * f
+    per_mlp_bias = (2 if m.mlp == "swiglu" else 1) * f + d
+    if experts:
+        mlp = experts * per_mlp + d * experts  # all experts and the router
+        active_mlp = m.moe_top_k * per_mlp + d * experts
+        mlp_bias = experts * per_mlp_bias
+    else:
+        mlp = active_mlp = per_mlp
+        mlp_bias = per_mlp_bias
+    attn_bias = heads * dh + 2 * kv * dh + d if m.use_bias else 0
+    mlp_bias = mlp_bias if m.use_bias else 0
+    norm = (2 if m.norm == "layernorm" else 1) * d
+    final_norm = norm if m.norm_position == "pre" else 0
     embedding = v * d + (m.max_len * d if m.position == "learned" else 0)
     head = 0 if m.tie_embeddings else d * v
-    params = layers * (attn + mlp + bias + norms) + final_norm + embedding + head
-    matmul = layers * (attn + mlp) + d * v
+    block = attn + attn_bias + mlp + mlp_bias + 2 * norm
+    params = layers * block + final_norm + embedding + head
+    matmul = layers * (attn + active_mlp) + d * v
     attention_flops = layers * 2 * 2 * seq_len * heads * dh
+    if getattr(m, "family", "decoder") == "encoder_decoder":
+        # Per target token, with as many source tokens as target tokens: the encoder's
+        # layers and the decoder's cross-attention (another attn block and norm) join in.
+        enc_layers = m.num_encoder_layers or layers
+        params += enc_layers * block + final_norm + layers * (attn + attn_bias + norm)
+        matmul += enc_layers * (attn + active_mlp) + layers * attn
+        attention_flops += (enc_layers + layers) * 2 * 2 * seq_len * heads * dh
     train = 3 * (2 * matmul + attention_flops)
     return FlopCount(params, embedding, matmul, attention_flops, train)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxformer.model.layers import MLP, Attention, Dense, Norm, attention_mask, dropout, param
 from jaxformer.model.layers import sinusoidal as sinusoidal_positions
+from jaxformer.model.moe import MoEMLP, reduce_layers
 from jaxformer.parallel import constrain
 
 REMAT_POLICIES = {
@@ -53,6 +54,9 @@ class ModelConfig:
     moe_d_ff: int
     moe_aux_loss: float
     moe_z_loss: float
+    family: str
+    num_encoder_layers: int
+    scale_embeddings: bool
     dtype: Any
     param_dtype: Any
     init_std: float
@@ -62,6 +66,7 @@ class ModelConfig:
         values = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
         values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
         values["head_dim"] = values["head_dim"] or values["d_model"] // values["num_heads"]
+        values["num_encoder_layers"] = values["num_encoder_layers"] or values["num_layers"]
         values["dtype"] = jnp.dtype(values["dtype"])
         values["param_dtype"] = jnp.dtype(values["param_dtype"])
         return cls(**values)
@@ -75,23 +80,32 @@ class Block(nnx.Module):
         self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoEMLP(cfg, rngs) if cfg.moe_experts > 0 else MLP(cfg, rngs)
+
+    def _mlp(self, x_BxLxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The MLP's output and its aux values ({} for a dense MLP)."""
+        if isinstance(self.mlp, MoEMLP):
+            return self.mlp(x_BxLxD)
+        return self.mlp(x_BxLxD), {}
 
     def _residuals(
         self, x_BxLxD: jax.Array, attend: Callable, key: jax.Array | None
-    ) -> tuple[jax.Array, Any]:
-        """Wraps ``attend`` (normed input -> (output, extra)) and the MLP in residuals."""
+    ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+        """Wraps ``attend`` (normed input -> (output, extra)) and the MLP in residuals;
+        returns the new x, ``extra`` and the MLP's aux values."""
         rate = self.cfg.dropout
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
         if self.cfg.norm_position == "pre":
             h, extra = attend(self.attn_norm(x_BxLxD))
             x_BxLxD = x_BxLxD + dropout(h, rate, k_attn)
-            x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), rate, k_mlp)
+            h, aux = self._mlp(self.mlp_norm(x_BxLxD))
+            x_BxLxD = x_BxLxD + dropout(h, rate, k_mlp)
         else:
             h, extra = attend(x_BxLxD)
             x_BxLxD = self.attn_norm(x_BxLxD + dropout(h, rate, k_attn))
-            x_BxLxD = self.mlp_norm(x_BxLxD + dropout(self.mlp(x_BxLxD), rate, k_mlp))
-        return constrain(x_BxLxD, ("batch", "length", "act_embed")), extra
+            h, aux = self._mlp(x_BxLxD)
+            x_BxLxD = self.mlp_norm(x_BxLxD + dropout(h, rate, k_mlp))
+        return constrain(x_BxLxD, ("batch", "length", "act_embed")), extra, aux
 
     def __call__(
         self,
@@ -99,11 +113,14 @@ class Block(nnx.Module):
         mask_BxLxS: jax.Array,
         positions_BxL: jax.Array,
         key: jax.Array | None,
-    ) -> jax.Array:
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The block's output and its MLP's aux values ({} for a dense MLP)."""
+
         def attend(h: jax.Array) -> tuple[jax.Array, None]:
             return self.attn(h, mask_BxLxS, positions_BxL), None
 
-        return self._residuals(x_BxLxD, attend, key)[0]
+        x_BxLxD, _, aux = self._residuals(x_BxLxD, attend, key)
+        return x_BxLxD, aux
 
     def decode(
         self,
@@ -119,7 +136,8 @@ class Block(nnx.Module):
                 h, mask_BxTxS, positions_BxT, key_positions_BxS, kv_cache, index
             )
 
-        return self._residuals(x_BxTxD, attend, None)
+        x_BxTxD, kv_cache, _ = self._residuals(x_BxTxD, attend, None)
+        return x_BxTxD, kv_cache
 
 
 class DecoderLM(nnx.Module):
@@ -168,31 +186,35 @@ class DecoderLM(nnx.Module):
 
     def _run_blocks(
         self, x_BxLxD: jax.Array, mask_BxLxS: jax.Array, positions_BxL: jax.Array, key: Any
-    ) -> jax.Array:
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The stack's output and the MLPs' aux values, reduced over layers ({} if dense)."""
         cfg = self.cfg
         train = key is not None
         # Without dropout the per-layer keys are placeholders, so scan keeps one signature.
         keys = jax.random.split(key, cfg.num_layers) if train else jnp.zeros(cfg.num_layers)
 
-        def apply(block: Block, x: jax.Array, k: jax.Array) -> jax.Array:
+        def apply(block: Block, x: jax.Array, k: jax.Array) -> tuple[jax.Array, dict]:
             return block(x, mask_BxLxS, positions_BxL, k if train else None)
 
         if cfg.remat != "none":
             apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
         if not cfg.scan_layers:
+            auxes = []
             for i, block in enumerate(self.blocks):
-                x_BxLxD = apply(block, x_BxLxD, keys[i])
-            return x_BxLxD
+                x_BxLxD, aux = apply(block, x_BxLxD, keys[i])
+                auxes.append(aux)
+            return x_BxLxD, reduce_layers(jax.tree.map(lambda *v: jnp.stack(v), *auxes))
 
         @nnx.scan(
             in_axes=(nnx.Carry, 0, 0),
-            out_axes=nnx.Carry,
+            out_axes=(nnx.Carry, 0),
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
-        def scan_fn(x: jax.Array, block: Block, k: jax.Array) -> jax.Array:
+        def scan_fn(x: jax.Array, block: Block, k: jax.Array) -> tuple[jax.Array, dict]:
             return apply(block, x, k)
 
-        return scan_fn(x_BxLxD, self.blocks, keys)
+        x_BxLxD, aux_per_layer = scan_fn(x_BxLxD, self.blocks, keys)
+        return x_BxLxD, reduce_layers(aux_per_layer)
 
     def _embed(
         self, inputs_BxL: jax.Array, positions_BxL: jax.Array, key: jax.Array | None
@@ -231,8 +253,15 @@ class DecoderLM(nnx.Module):
         segment_ids_BxL: jax.Array,
         positions_BxL: jax.Array,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
-        """Returns float32 logits [B, L, V]; ``dropout_key=None`` runs deterministically."""
+        *,
+        return_aux: bool = False,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns float32 logits [B, L, V]; ``dropout_key=None`` runs deterministically.
+
+        With ``return_aux``, returns (logits, aux): the MoE auxiliary values summed over
+        layers (``aux_loss``, ``z_loss``, already weighted, to add to the training loss)
+        and the mean ``dropped_fraction``; ``{}`` for a dense model.
+        """
         embed_key = block_key = None
         if dropout_key is not None:
             embed_key, block_key = jax.random.split(dropout_key)
@@ -241,8 +270,19 @@ class DecoderLM(nnx.Module):
             segment_ids_BxL, causal=True, positions_BxL=positions_BxL,
             window=self.cfg.sliding_window,
         )  # fmt: skip
-        x_BxLxD = self._run_blocks(x_BxLxD, mask_BxLxS, positions_BxL, block_key)
-        return self._logits(x_BxLxD)
+        x_BxLxD, aux = self._run_blocks(x_BxLxD, mask_BxLxS, positions_BxL, block_key)
+        logits_BxLxV = self._logits(x_BxLxD)
+        return (logits_BxLxV, aux) if return_aux else logits_BxLxV
+
+    def apply_batch(
+        self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits aligned with ``batch["targets"]`` and the aux values (the train step's
+        entry point, shared by every model family)."""
+        return self(
+            batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
+            return_aux=True,
+        )  # fmt: skip
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
         """An empty decoding cache of ``max_len`` slots per row (segment id 0 = empty)."""

@@ -240,9 +240,12 @@ class EncoderDecoder(nnx.Module):
             keys[1],
         )  # fmt: skip
 
-    def apply_batch(self, batch: dict[str, jax.Array], dropout_key: Any = None) -> jax.Array:
-        """Logits aligned with ``batch["targets"]`` (the train step's entry point)."""
-        return self(
+    def apply_batch(
+        self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits aligned with ``batch["targets"]``, and no aux values (no MoE here yet)."""
+        logits = self(
             batch["encoder_inputs"], batch["encoder_segment_ids"], batch["encoder_positions"],
             batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
         )  # fmt: skip
+        return logits, {}

@@ -33,6 +33,9 @@ DEFAULT_RULES: Rules = {
     "kv_heads": "tensor",
     "head_dim": None,
     "positions": None,
+    # MoE experts (parameters and the expert axis of dispatched activations): replicated
+    # for now; expert parallelism maps this onto a mesh axis.
+    "expert": None,
     # activations
     "batch": ("data", "fsdp"),
     "length": None,

@@ -46,16 +46,20 @@ class Run:
 
 
 def _dataset(cfg: ml_collections.ConfigDict, split: str, repeat: bool) -> Any:
-    return jdata.make_dataset(
-        cfg.data,
-        split=split,
-        seq_len=cfg.data.seq_len,
+    """This process's batches of ``split``: packed documents, or packed pairs for seq2seq."""
+    hosts = dict(
         global_batch=cfg.train.global_batch,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         seed=cfg.data.shuffle_seed,
         repeat=repeat,
     )
+    if cfg.model.family == "encoder_decoder":
+        return jdata.make_seq2seq_dataset(
+            cfg.data, split=split, source_len=cfg.data.source_seq_len or cfg.data.seq_len,
+            target_len=cfg.data.seq_len, **hosts,
+        )  # fmt: skip
+    return jdata.make_dataset(cfg.data, split=split, seq_len=cfg.data.seq_len, **hosts)
 
 
 def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:

@@ -12,12 +12,20 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxformer import model as model_lib
 from jaxformer import parallel
-from jaxformer.model import DecoderLM, ModelConfig
 from jaxformer.train.loss import cross_entropy
 from jaxformer.train.optim import make_schedule
 
 Batch = dict[str, jax.Array]
+
+# Summed statistics that the train step divides by the batch's token weight.
+STAT_KEYS = ("weight", "nll", "correct")
+MOE_STAT_KEYS = ("moe_aux_loss", "moe_z_loss", "moe_dropped_fraction")
+
+
+def _stat_keys(cfg: Any) -> tuple[str, ...]:
+    return STAT_KEYS + (MOE_STAT_KEYS if cfg.model.moe_experts > 0 else ())
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -29,8 +37,8 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array  # raw uint32 key data, so Orbax stores it as a plain array
 
 
-def build_model(cfg: Any, seed: int) -> DecoderLM:
-    return DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(params=seed))
+def build_model(cfg: Any, seed: int) -> nnx.Module:
+    return model_lib.build_model(cfg.model, seed)
 
 
 def init_state(
@@ -59,15 +67,22 @@ def _loss_and_grads(
     graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None, cfg: Any
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
     def loss_fn(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
-        model = nnx.merge(graphdef, p)
-        logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], key)
-        return cross_entropy(
+        logits, aux = nnx.merge(graphdef, p).apply_batch(batch, key)
+        loss, stats = cross_entropy(
             logits,
             batch["targets"],
             batch["weights"],
             label_smoothing=cfg.train.label_smoothing,
             z_loss=cfg.train.z_loss,
         )
+        if aux:
+            # The loss is a token sum divided later by the total token weight: scaling the
+            # (per-token mean) MoE terms by this batch's weight gives them their own weight.
+            weight = stats["weight"]
+            loss = loss + (aux["aux_loss"] + aux["z_loss"]) * weight
+            for name in ("aux_loss", "z_loss", "dropped_fraction"):
+                stats[f"moe_{name}"] = aux[name] * weight
+        return loss, stats
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -101,7 +116,7 @@ def train_step(
             return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (jnp.zeros(()), {k: jnp.zeros(()) for k in ("weight", "nll", "correct")}, zeros)
+        init = (jnp.zeros(()), {k: jnp.zeros(()) for k in _stat_keys(cfg)}, zeros)
         (loss_sum, stats, grads), _ = jax.lax.scan(
             accumulate, init, (_microbatched(batch, n), jnp.arange(n))
         )
@@ -118,14 +133,15 @@ def train_step(
         "lr": schedule(state.step),
         "tokens": stats["weight"],
     }
+    if cfg.model.moe_experts > 0:
+        metrics.update({name: stats[name] / weight for name in MOE_STAT_KEYS})
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
     """Summed held-out statistics of one batch (no dropout, no smoothing)."""
-    model = nnx.merge(graphdef, state.params)
-    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    logits, _ = nnx.merge(graphdef, state.params).apply_batch(batch)
     _, stats = cross_entropy(logits, batch["targets"], batch["weights"])
     return stats
 
