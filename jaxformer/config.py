@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.log_every = 20
     t.eval_every = 100
     t.eval_batches = 8
+    t.bleu_samples = 128  # encoder_decoder: eval pairs translated greedily for BLEU; 0 = off
     t.checkpoint_every = 100
     t.keep_checkpoints = 3
     t.run_dir = "runs/default"

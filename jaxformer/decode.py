@@ -565,3 +565,44 @@ def restore_model(cfg: Any, rules: Any = None) -> tuple[Any, int, Any]:
     finally:
         checkpointer.close()
     return nnx.merge(graphdef, state.params), step, mesh
+
+
+def translate_greedy(
+    model: Any,
+    sources_BxS: Any,
+    source_mask_BxS: Any,
+    *,
+    max_new_tokens: int,
+    bos_id: int = 1,
+) -> jax.Array:
+    """Greedy decoding for an encoder-decoder model: [B, max_new_tokens] token ids.
+
+    The encoder runs once; each step re-runs the decoder over the fixed-size target buffer
+    (no cache: O(N^2) work, fine for the short targets evaluation decodes). Rows are cut
+    at eos by the caller (``jaxformer.data.decode_batch``).
+    """
+    graphdef, state = nnx.split(model)
+    sources, mask = jnp.asarray(sources_BxS), jnp.asarray(source_mask_BxS)
+    return _translate_greedy(graphdef, state, sources, mask, max_new_tokens, bos_id)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _translate_greedy(
+    graphdef: Any, state: Any, sources_BxS: jax.Array, mask_BxS: jax.Array, n: int, bos_id: int
+) -> jax.Array:
+    seg_BxS, pos_BxS = _segments_and_positions(mask_BxS)
+    memory_BxSxD = nnx.merge(graphdef, state).encode(sources_BxS, seg_BxS, pos_BxS)
+    b = sources_BxS.shape[0]
+    tokens_BxN = jnp.zeros((b, n + 1), jnp.int32).at[:, 0].set(bos_id)
+    seg_BxN = jnp.ones((b, n), jnp.int32)
+    pos_BxN = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+
+    def step(t: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+        tokens, params = carry  # the state rides in the carry: NNX won't merge across traces
+        model = nnx.merge(graphdef, params)
+        logits_BxNxV = model.decode_train(memory_BxSxD, seg_BxS, tokens[:, :n], seg_BxN, pos_BxN)
+        next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BxNxV, t, 1, False), axis=-1)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_B.astype(jnp.int32), t + 1, 1)
+        return tokens, params
+
+    return jax.lax.fori_loop(0, n, step, (tokens_BxN, state))[0][:, 1:]

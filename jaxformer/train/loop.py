@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 import jaxformer
@@ -33,6 +34,7 @@ class Run:
 
     cfg: ml_collections.ConfigDict
     mesh: Mesh
+    graphdef: Any
     state: TrainState
     shardings: Any
     train_step: Any
@@ -120,6 +122,7 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
     return Run(
         cfg,
         mesh,
+        graphdef,
         state,
         shardings,
         train_step,
@@ -161,10 +164,40 @@ def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None 
         "accuracy": totals["correct"] / weight,
         "tokens": totals["weight"],
     }
+    if cfg.model.family == "encoder_decoder" and cfg.train.bleu_samples > 0:
+        out["bleu"] = bleu(run, state, cfg.train.bleu_samples)
     if target_bytes:
         # Bytes are counted on this process's rows; the loss is over all rows.
         out["bits_per_byte"] = totals["nll"] / math.log(2) / (target_bytes * jax.process_count())
     return out
+
+
+def bleu(run: Run, state: TrainState, samples: int) -> float:
+    """Corpus BLEU of greedy translations of the first ``samples`` held-out sources."""
+    from jaxformer.decode import translate_greedy
+
+    cfg, tokenizer = run.cfg, run.tokenizer
+    source_len = cfg.data.source_seq_len or cfg.data.seq_len
+    pairs = jdata.load_pairs(
+        cfg.data, cfg.data.eval_split, max_chars=min(source_len, cfg.data.seq_len) - 1
+    )
+    pairs = [pairs[i] for i in range(min(samples, len(pairs)))]
+    model = nnx.merge(run.graphdef, state.params)
+    hypotheses = []
+    rows = cfg.train.global_batch
+    for start in range(0, len(pairs), rows):
+        chunk = pairs[start : start + rows]
+        ids = [np.append(tokenizer.encode(p["source"]), tokenizer.eos_id) for p in chunk]
+        ids += [ids[-1]] * (rows - len(ids))  # fill the last batch; extra rows are ignored
+        sources = np.zeros((rows, source_len), np.int32)
+        for i, row in enumerate(ids):
+            sources[i, : len(row)] = row
+        # Generous cap: this task's targets are as long as their sources.
+        steps = min(cfg.data.seq_len, max(len(r) for r in ids) + 8)
+        with parallel.activate(run.mesh):
+            out = translate_greedy(model, sources, sources > 0, max_new_tokens=steps)
+        hypotheses += jdata.decode_batch(np.asarray(out), tokenizer)[: len(chunk)]
+    return jdata.corpus_bleu(hypotheses, [p["target"] for p in pairs])
 
 
 def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
