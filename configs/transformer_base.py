@@ -18,7 +18,8 @@ Paper: 27.3 BLEU on newstest2014 after 100k steps of ~25k source + 25k target to
 from jaxformer.config import base_config
 
 
-def get_config(big: bool = False):
+def get_config(size: str = "base"):
+    big = size == "big"
     c = base_config()
     m = c.model
     m.family = "encoder_decoder"

@@ -7,15 +7,8 @@ steps. 214,245,376 parameters (the paper rounds to 213M).
 Paper: 28.4 BLEU on newstest2014.
 """
 
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location(
-    "transformer_base", Path(__file__).with_name("transformer_base.py")
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from jaxformer.config import sibling_config
 
 
 def get_config():
-    return _base.get_config(big=True)
+    return sibling_config(__file__, "transformer_base.py:big")

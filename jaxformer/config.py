@@ -224,8 +224,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         target[leaf] = _check_type(key, value, target[leaf])
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads ``get_config()`` from ``path[:arg]``, applies overrides and checks types."""
+def _run_get_config(path: str) -> ml_collections.ConfigDict:
+    """Runs ``get_config([arg])`` of the file ``path[:arg]``, unchecked."""
     file, _, arg = path.partition(":")
     if not Path(file).is_file():
         raise ConfigError(f"config file '{file}' does not exist")
@@ -236,9 +236,20 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file '{file}' defines no get_config()")
     try:
-        cfg = module.get_config(arg) if arg else module.get_config()
+        return module.get_config(arg) if arg else module.get_config()
     except (TypeError, AttributeError, KeyError) as err:  # ml_collections' type checks
         raise ConfigError(f"config file '{file}': {err}") from err
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """For a config file that names a preset defined in another file of its folder:
+    ``sibling_config(__file__, "gpt2.py:124m")``."""
+    return _run_get_config(str(Path(config_file).with_name(name)))
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` from ``path[:arg]``, applies overrides and checks types."""
+    cfg = _run_get_config(path)
     cfg = check_schema(cfg)
     cfg.unlock()
     apply_overrides(cfg, overrides)

@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model.layers import MLP, Attention, Dense, Norm, attention_mask, dropout, param
-from jaxformer.model.layers import sinusoidal as sinusoidal_positions
+from jaxformer.model.layers import MLP, Attention, Norm, TokenEmbeddings, attention_mask, dropout
 from jaxformer.model.moe import MoEMLP, reduce_layers
 from jaxformer.parallel import constrain
 
@@ -140,20 +139,12 @@ class Block(nnx.Module):
         return x_BxTxD, kv_cache
 
 
-class DecoderLM(nnx.Module):
+class DecoderLM(TokenEmbeddings, nnx.Module):
     """Token (+ position) embedding, a stack of causal blocks, and next-token logits."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        init = nnx.initializers.normal(cfg.init_std)
-        self.embed = param(
-            rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype
-        )
-        self.pos_embed = (
-            param(rngs, init, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.param_dtype)
-            if cfg.position == "learned"
-            else None
-        )
+        self._init_embeddings(cfg, rngs)
         if cfg.scan_layers:
 
             @nnx.split_rngs(splits=cfg.num_layers)
@@ -168,20 +159,6 @@ class DecoderLM(nnx.Module):
             Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
             if cfg.norm_position == "pre"
             else None
-        )
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else Dense(
-                (cfg.d_model,),
-                (cfg.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                init_std=cfg.init_std,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                rngs=rngs,
-            )
         )
 
     def _run_blocks(
@@ -216,36 +193,10 @@ class DecoderLM(nnx.Module):
         x_BxLxD, aux_per_layer = scan_fn(x_BxLxD, self.blocks, keys)
         return x_BxLxD, reduce_layers(aux_per_layer)
 
-    def _embed(
-        self, inputs_BxL: jax.Array, positions_BxL: jax.Array, key: jax.Array | None
-    ) -> jax.Array:
-        cfg = self.cfg
-        # The lookup reads a gathered copy of the table: a gather from a vocab-sharded
-        # table would make XLA replicate it anyway, through a slower path.
-        table_VxD = constrain(self.embed[...], (None, None))
-        x_BxLxD = jnp.take(table_VxD, inputs_BxL, axis=0).astype(cfg.dtype)
-        if cfg.position == "learned":
-            pos_BxLxD = jnp.take(self.pos_embed[...], positions_BxL, axis=0)
-            x_BxLxD = x_BxLxD + pos_BxLxD.astype(cfg.dtype)
-        elif cfg.position == "sinusoidal":
-            x_BxLxD = x_BxLxD + sinusoidal_positions(positions_BxL, cfg.d_model).astype(cfg.dtype)
-        x_BxLxD = dropout(x_BxLxD, cfg.dropout, key)
-        return constrain(x_BxLxD, ("batch", "length", "act_embed"))
-
     def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-        cfg = self.cfg
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD)
-        if self.lm_head is None:
-            logits_BxLxV = jnp.einsum(
-                "bld,vd->blv",
-                x_BxLxD,
-                self.embed[...].astype(cfg.dtype),
-                preferred_element_type=jnp.float32,
-            )
-        else:
-            logits_BxLxV = self.lm_head(x_BxLxD).astype(jnp.float32)
-        return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+        return self._output_logits(x_BxLxD)
 
     def __call__(
         self,

@@ -8,7 +8,6 @@ Tensor names: B batch, S source length, L target length, D width, V vocabulary.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.model.decoder import REMAT_POLICIES, ModelConfig
-from jaxformer.model.layers import MLP, Attention, Dense, Norm, attention_mask, dropout, param
-from jaxformer.model.layers import sinusoidal as sinusoidal_positions
+from jaxformer.model.layers import MLP, Attention, Norm, TokenEmbeddings, attention_mask, dropout
 from jaxformer.parallel import constrain
 
 
@@ -118,20 +116,12 @@ def _scan(cfg: ModelConfig, blocks: nnx.Module, x: jax.Array, key: Any, call: Ca
     return scan(x, blocks, keys)
 
 
-class EncoderDecoder(nnx.Module):
+class EncoderDecoder(TokenEmbeddings, nnx.Module):
     """Shared embedding, encoder stack, decoder stack with cross-attention, tied logits."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        init = nnx.initializers.normal(cfg.init_std)
-        self.embed = param(
-            rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype
-        )
-        self.pos_embed = (
-            param(rngs, init, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.param_dtype)
-            if cfg.position == "learned"
-            else None
-        )
+        self._init_embeddings(cfg, rngs)
         self.encoder = _stack(cfg, EncoderBlock, cfg.num_encoder_layers, rngs)
         self.decoder = _stack(cfg, DecoderBlock, cfg.num_layers, rngs)
         pre = cfg.norm_position == "pre"
@@ -141,34 +131,6 @@ class EncoderDecoder(nnx.Module):
         self.decoder_norm = (
             Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs) if pre else None
         )
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else Dense(
-                (cfg.d_model,),
-                (cfg.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                init_std=cfg.init_std,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                rngs=rngs,
-            )  # fmt: skip
-        )
-
-    def _embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, key: Any) -> jax.Array:
-        cfg = self.cfg
-        table_VxD = constrain(self.embed[...], (None, None))
-        x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
-        if cfg.scale_embeddings:
-            x_BxLxD = x_BxLxD * math.sqrt(cfg.d_model)
-        if cfg.position == "learned":
-            x_BxLxD = x_BxLxD + jnp.take(self.pos_embed[...], positions_BxL, axis=0).astype(
-                cfg.dtype
-            )
-        elif cfg.position == "sinusoidal":
-            x_BxLxD = x_BxLxD + sinusoidal_positions(positions_BxL, cfg.d_model).astype(cfg.dtype)
-        return constrain(dropout(x_BxLxD, cfg.dropout, key), ("batch", "length", "act_embed"))
 
     def encode(
         self,
@@ -212,14 +174,7 @@ class EncoderDecoder(nnx.Module):
         )  # fmt: skip
         if self.decoder_norm is not None:
             x_BxLxD = self.decoder_norm(x_BxLxD)
-        if self.lm_head is not None:
-            logits_BxLxV = self.lm_head(x_BxLxD).astype(jnp.float32)
-        else:
-            logits_BxLxV = jnp.einsum(
-                "bld,vd->blv", x_BxLxD, self.embed[...].astype(cfg.dtype),
-                preferred_element_type=jnp.float32,
-            )  # fmt: skip
-        return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+        return self._output_logits(x_BxLxD)
 
     def __call__(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -335,3 +336,65 @@ class MLP(nnx.Module):
             h_BxLxF = jax.nn.relu(h_BxLxF)
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
         return self.down(h_BxLxF)
+
+
+class TokenEmbeddings:
+    """Token table (+ learned positions) in, logits out: shared by every model family.
+
+    A mixin rather than a submodule, so the parameters keep their short names
+    (``embed``, ``pos_embed``, ``lm_head``), which the Hugging Face mapping relies on.
+    """
+
+    def _init_embeddings(self, cfg: Any, rngs: nnx.Rngs) -> None:
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embed = param(
+            rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype
+        )
+        self.pos_embed = (
+            param(rngs, init, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.param_dtype)
+            if cfg.position == "learned"
+            else None
+        )
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Dense(
+                (cfg.d_model,),
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
+                use_bias=False,
+                init_std=cfg.init_std,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                rngs=rngs,
+            )  # fmt: skip
+        )
+
+    def _embed(
+        self, tokens_BxL: jax.Array, positions_BxL: jax.Array, key: jax.Array | None
+    ) -> jax.Array:
+        cfg = self.cfg
+        # The lookup reads a gathered copy of the table: a gather from a vocab-sharded
+        # table would make XLA replicate it anyway, through a slower path.
+        table_VxD = constrain(self.embed[...], (None, None))
+        x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
+        if cfg.scale_embeddings:
+            x_BxLxD = x_BxLxD * math.sqrt(cfg.d_model)
+        if cfg.position == "learned":
+            pos_BxLxD = jnp.take(self.pos_embed[...], positions_BxL, axis=0)
+            x_BxLxD = x_BxLxD + pos_BxLxD.astype(cfg.dtype)
+        elif cfg.position == "sinusoidal":
+            x_BxLxD = x_BxLxD + sinusoidal(positions_BxL, cfg.d_model).astype(cfg.dtype)
+        x_BxLxD = dropout(x_BxLxD, cfg.dropout, key)
+        return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+    def _output_logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Float32 logits from the tied table or the separate head."""
+        if self.lm_head is not None:
+            logits_BxLxV = self.lm_head(x_BxLxD).astype(jnp.float32)
+        else:
+            logits_BxLxV = jnp.einsum(
+                "bld,vd->blv", x_BxLxD, self.embed[...].astype(self.cfg.dtype),
+                preferred_element_type=jnp.float32,
+            )  # fmt: skip
+        return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
