@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = _section()
     m = c.model
-    m.family = "decoder"  # decoder | encoder_decoder
+    m.family = "decoder"  # decoder | encoder_decoder | bert | t5
     m.vocab_size = 384  # byte tokenizer (259 ids) padded up to a multiple of 128
     m.d_model = 128
     m.num_layers = 4  # decoder layers
@@ -52,10 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.norm = "rmsnorm"  # rmsnorm | layernorm
     m.norm_position = "pre"  # pre | post
     m.norm_eps = 1e-6
-    m.mlp = "swiglu"  # swiglu | gelu | relu
+    m.mlp = "swiglu"  # swiglu | geglu | gelu (tanh) | gelu_exact (erf) | relu
     m.use_bias = False
     m.tie_embeddings = True
     m.scale_embeddings = False  # multiply embeddings by sqrt(d_model) (Vaswani et al.)
+    m.scale_attention = True  # divide logits by sqrt(head_dim); T5 does not
+    m.type_vocab_size = 2  # bert: segment (token type) embeddings
+    m.relative_buckets = 32  # t5: relative position buckets
+    m.relative_max_distance = 128  # t5: distance beyond which buckets saturate
     m.dropout = 0.0
     m.scan_layers = True
     m.remat = "none"  # none | full | dots | dots_no_batch
@@ -132,12 +136,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "model.family": ("decoder", "encoder_decoder"),
+    "model.family": ("decoder", "encoder_decoder", "bert", "t5"),
     "model.position": ("rope", "learned", "sinusoidal", "alibi", "none"),
     "model.attention_impl": ("einsum", "dot_product"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
-    "model.mlp": ("swiglu", "gelu", "relu"),
+    "model.mlp": ("swiglu", "geglu", "gelu", "gelu_exact", "relu"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),

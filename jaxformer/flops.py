@@ -50,8 +50,8 @@ def count(model_cfg: Any, seq_len: int) -> FlopCount:
     attn = d * heads * dh + 2 * d * kv * dh + heads * dh * d
     experts = getattr(m, "moe_experts", 0)
     f = (m.moe_d_ff or f) if experts else f
-    per_mlp = (3 if m.mlp == "swiglu" else 2) * d * f
-    per_mlp_bias = (2 if m.mlp == "swiglu" else 1) * f + d
+    per_mlp = (3 if m.mlp in ("swiglu", "geglu") else 2) * d * f
+    per_mlp_bias = (2 if m.mlp in ("swiglu", "geglu") else 1) * f + d
     if experts:
         mlp = experts * per_mlp + d * experts  # all experts and the router
         active_mlp = m.moe_top_k * per_mlp + d * experts

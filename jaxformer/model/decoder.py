@@ -56,6 +56,10 @@ class ModelConfig:
     family: str
     num_encoder_layers: int
     scale_embeddings: bool
+    scale_attention: bool
+    type_vocab_size: int
+    relative_buckets: int
+    relative_max_distance: int
     dtype: Any
     param_dtype: Any
     init_std: float

@@ -249,23 +249,35 @@ class Attention(nnx.Module):
         mask_BxLxS: jax.Array,
         positions_BxL: jax.Array,
         key_positions_BxS: jax.Array,
+        bias_BxHxLxS: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.cfg
-        bias = None
         if cfg.position == "alibi":
-            bias = alibi_bias(cfg.num_heads, positions_BxL, key_positions_BxS)
+            alibi = alibi_bias(cfg.num_heads, positions_BxL, key_positions_BxS)
+            bias_BxHxLxS = alibi if bias_BxHxLxS is None else bias_BxHxLxS + alibi
         out_BxLxHxDh = dot_product_attention(
-            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias,
-            implementation=cfg.attention_impl, scale=1.0 / math.sqrt(cfg.head_dim),
+            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias_BxHxLxS,
+            implementation=cfg.attention_impl, scale=self.scale,
         )  # fmt: skip
         out_BxLxHxDh = constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None))
         return self.o(out_BxLxHxDh)
 
+    @property
+    def scale(self) -> float:
+        """1/sqrt(head_dim), or 1 for T5, which folds it into the initialisation."""
+        return 1.0 / math.sqrt(self.cfg.head_dim) if self.cfg.scale_attention else 1.0
+
     def __call__(
-        self, x_BxLxD: jax.Array, mask_BxLxS: jax.Array, positions_BxL: jax.Array
+        self,
+        x_BxLxD: jax.Array,
+        mask_BxLxS: jax.Array,
+        positions_BxL: jax.Array,
+        bias_BxHxLxS: jax.Array | None = None,
     ) -> jax.Array:
+        """Self-attention; ``bias_BxHxLxS`` is an additive logit bias (T5's relative
+        position bias), broadcastable over the batch."""
         q, k, v = self._qkv(x_BxLxD, positions_BxL)
-        return self._attend(q, k, v, mask_BxLxS, positions_BxL, positions_BxL)
+        return self._attend(q, k, v, mask_BxLxS, positions_BxL, positions_BxL, bias_BxHxLxS)
 
     def cross(
         self, x_BxLxD: jax.Array, memory_BxSxD: jax.Array, mask_BxLxS: jax.Array
@@ -276,7 +288,7 @@ class Attention(nnx.Module):
         v_BxSxKxDh = constrain(self.v(memory_BxSxD), ("batch", "length", "act_kv_heads", None))
         out_BxLxHxDh = dot_product_attention(
             q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, None,
-            implementation=self.cfg.attention_impl, scale=1.0 / math.sqrt(self.cfg.head_dim),
+            implementation=self.cfg.attention_impl, scale=self.scale,
         )  # fmt: skip
         return self.o(constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None)))
 
@@ -308,8 +320,26 @@ class Attention(nnx.Module):
         return out, kv_cache
 
 
+GATED = ("swiglu", "geglu")
+
+
+def mlp_activation(kind: str, up: jax.Array, gate: jax.Array | None) -> jax.Array:
+    """The MLP nonlinearity ``kind`` (model.mlp) of the up projection, gated if it is."""
+    if kind == "swiglu":
+        return jax.nn.silu(gate) * up
+    if kind == "geglu":
+        return jax.nn.gelu(gate, approximate=True) * up
+    if kind in ("gelu", "gelu_exact"):
+        return jax.nn.gelu(up, approximate=kind == "gelu")
+    return jax.nn.relu(up)
+
+
 class MLP(nnx.Module):
-    """Feed-forward block: gated (SwiGLU) or plain (GELU, ReLU)."""
+    """Feed-forward block: gated (SwiGLU, GeGLU) or plain (GELU, exact GELU, ReLU).
+
+    ``gelu`` is the tanh approximation (GPT-2's ``gelu_new``), ``gelu_exact`` the erf form
+    (BERT), ``geglu`` the gated tanh-GELU of T5.1.1.
+    """
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         common = dict(
@@ -322,18 +352,13 @@ class MLP(nnx.Module):
         d, f = cfg.d_model, cfg.d_ff
         self.kind = cfg.mlp
         self.up = Dense((d,), (f,), ("embed", "mlp"), **common)
-        self.gate = Dense((d,), (f,), ("embed", "mlp"), **common) if cfg.mlp == "swiglu" else None
+        self.gate = Dense((d,), (f,), ("embed", "mlp"), **common) if cfg.mlp in GATED else None
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.down = Dense((f,), (d,), ("mlp", "embed"), **{**common, "init_std": out_std})
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        h_BxLxF = self.up(x_BxLxD)
-        if self.kind == "swiglu":
-            h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * h_BxLxF
-        elif self.kind == "gelu":
-            h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
-        else:
-            h_BxLxF = jax.nn.relu(h_BxLxF)
+        gate_BxLxF = self.gate(x_BxLxD) if self.gate is not None else None
+        h_BxLxF = mlp_activation(self.kind, self.up(x_BxLxD), gate_BxLxF)
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
         return self.down(h_BxLxF)
 

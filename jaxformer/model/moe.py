@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model.layers import Dense, param
+from jaxformer.model.layers import GATED, Dense, mlp_activation, param
 from jaxformer.parallel import constrain
 
 AUX_KEYS = ("aux_loss", "z_loss", "dropped_fraction")
@@ -125,9 +125,7 @@ class MoEMLP(nnx.Module):
         )
         self.up = ExpertDense(e, d, f, ("expert", "embed", "mlp"), **common)
         self.gate = (
-            ExpertDense(e, d, f, ("expert", "embed", "mlp"), **common)
-            if cfg.mlp == "swiglu"
-            else None
+            ExpertDense(e, d, f, ("expert", "embed", "mlp"), **common) if cfg.mlp in GATED else None
         )
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.down = ExpertDense(
@@ -177,13 +175,8 @@ class MoEMLP(nnx.Module):
 
     def experts(self, x_GxExCxD: jax.Array) -> jax.Array:
         """Every expert's MLP on its own slots."""
-        h_GxExCxF = self.up(x_GxExCxD)
-        if self.kind == "swiglu":
-            h_GxExCxF = jax.nn.silu(self.gate(x_GxExCxD)) * h_GxExCxF
-        elif self.kind == "gelu":
-            h_GxExCxF = jax.nn.gelu(h_GxExCxF, approximate=True)
-        else:
-            h_GxExCxF = jax.nn.relu(h_GxExCxF)
+        gate_GxExCxF = self.gate(x_GxExCxD) if self.gate is not None else None
+        h_GxExCxF = mlp_activation(self.kind, self.up(x_GxExCxD), gate_GxExCxF)
         h_GxExCxF = constrain(h_GxExCxF, ("batch", "expert", None, "act_mlp"))
         out_GxExCxD = self.down(h_GxExCxF)
         return constrain(out_GxExCxD, ("batch", "expert", None, "act_embed"))
