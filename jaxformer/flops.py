@@ -69,7 +69,17 @@ def count(model_cfg: Any, seq_len: int) -> FlopCount:
     params = layers * block + final_norm + embedding + head
     matmul = layers * (attn + active_mlp) + d * v
     attention_flops = layers * 2 * 2 * seq_len * heads * dh
-    if getattr(m, "family", "decoder") == "encoder_decoder":
+    family = getattr(m, "family", "decoder")
+    if family == "bert":
+        # Token types, the embedding LayerNorm, the pooler, the NSP classifier and the MLM
+        # head (dense, LayerNorm, output bias; its projection is tied to the token table).
+        types = m.type_vocab_size * d
+        embedding += types
+        params += types + 2 * d + (d * d + d) + (2 * d + 2) + (d * d + d + 2 * d + v)
+        matmul += d * d  # the MLM head's dense layer, per token
+    if family == "t5":
+        params += 2 * m.relative_buckets * heads  # one bias table per stack
+    if family in ("encoder_decoder", "t5"):
         # Per target token, with as many source tokens as target tokens: the encoder's
         # layers and the decoder's cross-attention (another attn block and norm) join in.
         enc_layers = m.num_encoder_layers or layers

@@ -22,27 +22,17 @@ from flax import nnx
 
 from jaxformer import flops
 from jaxformer.config import ConfigError, load_config
-from jaxformer.model import DecoderLM, ModelConfig
+from jaxformer.model import build_model
 
 # Parameters that are lookup tables rather than matmul weights (flops.count's convention).
-EMBEDDING_NAMES = ("embed", "pos_embed")
-
-
-def model_class(model_cfg: Any) -> type[nnx.Module]:
-    """The class that ``model.family`` names (decoder-only unless the key says otherwise)."""
-    if model_cfg.get("family", "decoder") == "encoder_decoder":
-        from jaxformer.model.encoder_decoder import EncoderDecoder
-
-        return EncoderDecoder
-    return DecoderLM
+EMBEDDING_NAMES = ("embed", "pos_embed", "type_embed")
 
 
 def abstract_params(model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """Every parameter's shape and dtype, by dotted path, from ``jax.eval_shape``."""
-    cls = model_class(model_cfg)
 
     def build() -> nnx.State:
-        return nnx.state(cls(ModelConfig.from_config(model_cfg), nnx.Rngs(0)), nnx.Param)
+        return nnx.state(build_model(model_cfg, 0), nnx.Param)
 
     state = jax.eval_shape(build)
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
