@@ -5,6 +5,14 @@ each source is a line of Python standard-library source; its target is the words
 reverse order with every letter ROT13-mapped (no download).
 
     jaxformer train --config=configs/reverse_words.py
+    jaxformer train --config=configs/reverse_words.py --config.train.steps=1000 \
+        --config.train.eval_every=250 --config.train.bleu_samples=256
+
+Measured 2026-11-26 on 2 CPU cores (shared part of the time with other test runs), the
+second command: 1.44M parameters, about 5,000-8,700 target tokens/s; held-out BLEU
+(greedy, 256 pairs, sacrebleu) 1.2 at step 250, 22.8 at 500, 52.1 at 750 and 67.6 at
+1000 (loss 0.28), in 14 min 13 s. The paper-style target of 90 BLEU within 15 minutes
+needs a faster-learning setting than this one (open work).
 """
 
 from jaxformer.config import base_config
