@@ -5,10 +5,13 @@
 
 (configs/bert_base.py and configs/bert_large.py name the same presets.)
 
-NOTE: masked-LM training through ``jaxformer train`` is not wired yet (the model family
-``bert`` and the MLM data path with ``jaxformer.data.objectives.bert_mask`` are being
-integrated by the lead); today the preset builds :class:`jaxformer.model.bert.Bert` and
-loads/saves Hugging Face weights with :mod:`jaxformer.model.hf_bert`.
+``jaxformer train`` trains the masked-LM objective (RoBERTa-style, without next-sentence
+prediction): packed rows from the data pipeline are masked by
+``jaxformer.data.objectives.bert_mask`` (15%; 80% [MASK], 10% random, 10% unchanged,
+redrawn every epoch), [MASK] being the first id after the tokenizer's vocabulary. The NSP
+head and the sequence-classification head exist on :class:`jaxformer.model.bert.Bert`
+but their data paths and a fine-tuning command are not built yet. Hugging Face weights
+load and save with :mod:`jaxformer.model.hf_bert`.
 
 | size | layers x d_model x heads, FFN | encoder + pooler | + MLM and NSP heads |
 |---|---|---|---|

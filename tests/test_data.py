@@ -476,3 +476,25 @@ def test_orbax_checkpoint_manager_round_trip(short_cfg: ConfigDict, tmp_path: Pa
 def test_bits_per_byte() -> None:
     # 8 bytes predicted at uniform-over-256 cost ln(256) nats each -> exactly 8 bits/byte.
     assert math.isclose(bits_per_byte(8 * math.log(256), 8), 8.0)
+
+
+def test_masked_lm_rows(short_cfg: ConfigDict) -> None:
+    """BERT rows: the same packed tokens, 15% of real ones chosen, only those corrupted."""
+    mask_id = BYTE.vocab_size
+    plain = _all_batches(short_cfg, seq_len=64, global_batch=4)
+    masked = _all_batches(short_cfg, seq_len=64, global_batch=4, mlm_mask_id=mask_id)
+    chosen = eligible = replaced = 0
+    for lm, mlm in zip(plain, masked, strict=True):
+        np.testing.assert_array_equal(mlm["targets"], lm["inputs"])
+        np.testing.assert_array_equal(mlm["segment_ids"], lm["segment_ids"])
+        picked = mlm["weights"] > 0
+        np.testing.assert_array_equal(mlm["inputs"][~picked], lm["inputs"][~picked])
+        real = (lm["inputs"] > 2) & (lm["segment_ids"] > 0)  # not pad, bos or eos
+        assert not (picked & ~real).any()
+        chosen += picked.sum()
+        eligible += real.sum()
+        replaced += (mlm["inputs"][picked] == mask_id).sum()
+    assert abs(chosen / eligible - 0.15) < 0.03
+    assert abs(replaced / chosen - 0.8) < 0.1
+    again = _all_batches(short_cfg, seq_len=64, global_batch=4, mlm_mask_id=mask_id)
+    np.testing.assert_array_equal(again[0]["inputs"], masked[0]["inputs"])

@@ -28,6 +28,7 @@ from absl import flags
 
 from jaxformer.data import text_files
 from jaxformer.data.errors import DataError, MissingDataError
+from jaxformer.data.objectives import bert_mask
 from jaxformer.data.tokenizers import Tokenizer, build_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -194,6 +195,21 @@ class _HostSlice(grain.transforms.Map):
         return out
 
 
+class _MaskRow(grain.transforms.RandomMap):
+    """A packed LM row -> a BERT masked-LM row over the same tokens (the ``inputs``)."""
+
+    def __init__(self, tokenizer: Tokenizer, mask_id: int) -> None:
+        self._special = (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, mask_id)
+        self._vocab_size, self._mask_id = tokenizer.vocab_size, mask_id
+
+    def random_map(self, row: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
+        masked = bert_mask(
+            row["inputs"], rng, vocab_size=self._vocab_size, mask_id=self._mask_id,
+            special_ids=self._special,
+        )  # fmt: skip
+        return {**row, **masked}
+
+
 def _seeds(seed: int, n: int) -> list[int]:
     """Independent 31-bit seeds for each random stage (grain adds epoch/window offsets)."""
     state = np.random.SeedSequence(int(seed)).generate_state(n)
@@ -252,8 +268,14 @@ def make_dataset(
     process_count: int,
     seed: int,
     repeat: bool,
+    mlm_mask_id: int | None = None,
 ) -> grain.IterDataset:
     """The per-host batch stream for ``split`` (iterate it with ``iter(ds)``).
+
+    With ``mlm_mask_id`` (BERT), each packed row is masked for masked-LM instead:
+    ``inputs`` hold the corrupted tokens, ``targets`` the original ones and ``weights``
+    are 1 exactly at the chosen positions (:func:`jaxformer.data.objectives.bert_mask`,
+    drawn afresh every epoch from the row's index and the seed).
 
     Each element is a dict of numpy arrays of shape ``[global_batch // process_count,
     seq_len]``: ``inputs``/``targets``/``segment_ids``/``positions`` (int32) and
@@ -298,6 +320,8 @@ def make_dataset(
         shuffle_bins=True,
     )
     ds = ds.map(_to_row)
+    if mlm_mask_id is not None:
+        ds = ds.random_map(_MaskRow(tokenizer, mlm_mask_id), seed=pack_seed + 1)
     return batch_and_prefetch(ds, data_cfg, global_batch, process_index, process_count)
 
 

@@ -61,7 +61,11 @@ def _dataset(cfg: ml_collections.ConfigDict, split: str, repeat: bool) -> Any:
             cfg.data, split=split, source_len=cfg.data.source_seq_len or cfg.data.seq_len,
             target_len=cfg.data.seq_len, **hosts,
         )  # fmt: skip
-    return jdata.make_dataset(cfg.data, split=split, seq_len=cfg.data.seq_len, **hosts)
+    # BERT's [MASK] is the first id after the tokenizer's vocabulary.
+    mask_id = jdata.build_tokenizer(cfg.data).vocab_size if cfg.model.family == "bert" else None
+    return jdata.make_dataset(
+        cfg.data, split=split, seq_len=cfg.data.seq_len, mlm_mask_id=mask_id, **hosts
+    )
 
 
 def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:
@@ -84,19 +88,21 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
     """Validates the config, builds the mesh and the state, and restores the latest checkpoint."""
     rules = parallel.DEFAULT_RULES if rules is None else rules
     mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
-    if cfg.model.family in ("bert", "t5"):
-        # The models, presets and Hugging Face mappings exist; their objectives (masked LM,
-        # span corruption) are not yet fed by the input pipeline.
+    if cfg.model.family == "t5":
+        # The model, presets and Hugging Face mapping exist; span corruption is not yet
+        # fed by the input pipeline.
         raise ConfigError(
-            f"config key 'model.family': training {cfg.model.family!r} with jaxformer train "
-            "is not supported yet (its pre-training data path is not wired); decoder and "
-            "encoder_decoder are"
+            "config key 'model.family': training 't5' with jaxformer train is not supported "
+            "yet (its span-corruption data path is not wired); decoder, encoder_decoder and "
+            "bert are"
         )
     tokenizer = jdata.build_tokenizer(cfg.data)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+    needed = tokenizer.vocab_size + (cfg.model.family == "bert")  # + BERT's [MASK]
+    if needed > cfg.model.vocab_size:
         raise ConfigError(
             f"config key 'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the "
-            f"tokenizer's vocabulary ({tokenizer.vocab_size})"
+            f"tokenizer's vocabulary ({tokenizer.vocab_size}"
+            + (" plus [MASK])" if cfg.model.family == "bert" else ")")
         )
     # Open the data before compiling anything, so a missing dataset fails fast.
     train_data = _dataset(cfg, cfg.data.train_split, repeat=True)
