@@ -26,10 +26,10 @@ warmup it rises linearly as t / 10^6 up to 0.01 where T5 holds a constant 0.01.
 Dropout is 0 for pre-training (T5.1.1's choice; the T5 paper used 0.1 throughout), 0.1 for
 fine-tuning.
 
-Data: the span-corruption objective (jaxformer/data/objectives.py) is not yet wired to
-the data pipeline, and the config check pairs source/target data with
-``family='encoder_decoder'`` only, so these presets name the built-in corpus as a
-placeholder: they build, count and convert models but do not train T5 yet. The
+Data: ``jaxformer train`` span-corrupts the plain-text sources (the built-in corpus here;
+point ``data.name``/``data.paths`` at a real one) with
+``jaxformer.data.make_span_corruption_dataset``: 568-token chunks become 512-token inputs
+and at most 114-token targets, as in T5, with sentinels counting down from the last id. The
 SentencePiece model named in ``data.spm_model`` is not shipped: train a 32k one with
 ``tools/train_tokenizer.py`` (T5's own vocabulary has 32100 pieces, padded to 32128).
 """
@@ -74,7 +74,8 @@ def get_config(size: str = "small"):
     d = c.data
     d.tokenizer = "sentencepiece"
     d.spm_model = "runs/t5_spm32k.model"
-    d.seq_len = d.source_seq_len = 512
+    d.source_seq_len = 512  # corrupted inputs (568 raw tokens)
+    d.seq_len = 114  # sentinel + span targets
     o = c.optimizer
     o.name = "adafactor"
     o.b1 = 0.0

@@ -15,6 +15,7 @@ from jaxformer.data.seq2seq import (
     decode_until_eos,
     load_pairs,
     make_seq2seq_dataset,
+    make_span_corruption_dataset,
     reverse_words_pairs,
     reverse_words_target,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "load_pairs",
     "make_dataset",
     "make_seq2seq_dataset",
+    "make_span_corruption_dataset",
     "reverse_words_pairs",
     "reverse_words_target",
 ]

@@ -34,6 +34,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from jaxformer.data.errors import DataError, MissingDataError
+from jaxformer.data.objectives import span_corrupt
 from jaxformer.data.pipeline import (
     BATCH_KEYS,
     _local_data_dir,
@@ -346,10 +347,27 @@ def make_seq2seq_dataset(
     if repeat:
         pairs = pairs.repeat(None)  # grain reseeds the shuffle for every epoch
     pairs = pairs.map(_TokenizePair(tokenizer)).filter(_FitsLimits(source_len, target_len, split))
-    read_threads = max(1, min(8, os.cpu_count() or 1))
-    ds = pairs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    ds = pairs.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1)), prefetch_buffer_size=64)
+    )
+    return _pack_and_batch(
+        ds, data_cfg, source_len, target_len, global_batch, process_index, process_count, pack_seed
+    )
+
+
+def _pack_and_batch(
+    pairs: grain.IterDataset,
+    data_cfg: Any,
+    source_len: int,
+    target_len: int,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+    pack_seed: int,
+) -> grain.IterDataset:
+    """Tokenized pairs -> jointly packed seq2seq rows -> this host's batches."""
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds,
+        pairs,
         length_struct={"encoder_inputs": source_len, "inputs": target_len, "targets": target_len},
         num_packing_bins=min(max(16, global_batch), 128),
         seed=pack_seed,
@@ -357,6 +375,96 @@ def make_seq2seq_dataset(
     )
     ds = ds.map(_to_row)
     return batch_and_prefetch(ds, data_cfg, global_batch, process_index, process_count)
+
+
+def span_corruption_lengths(
+    source_len: int, noise_density: float = 0.15, mean_span_length: float = 3.0
+) -> tuple[int, int]:
+    """The longest raw chunk whose corrupted input (with eos) fits ``source_len``, and the
+    target length (sentinels, spans, eos) such a chunk needs (T5's random_spans_helper)."""
+
+    def lengths(raw: int) -> tuple[int, int]:
+        noise = min(max(int(round(raw * noise_density)), 1), raw - 1)
+        spans = max(int(round(noise / mean_span_length)), 1)
+        return raw - noise + spans + 1, noise + spans + 1
+
+    raw = 2
+    while lengths(raw + 1)[0] <= source_len:
+        raw += 1
+    return raw, lengths(raw)[1]
+
+
+class _ChunkTokens(grain.experimental.FlatMapTransform):
+    """A document's tokens -> consecutive chunks of ``length`` (short tails dropped)."""
+
+    def __init__(self, tokenizer: Tokenizer, length: int) -> None:
+        self._tokenizer, self._length = tokenizer, length
+        self.max_fan_out = 1 << 30
+
+    def flat_map(self, text: str) -> list[np.ndarray]:
+        tokens = self._tokenizer.encode(text)
+        chunks = [tokens[i : i + self._length] for i in range(0, len(tokens), self._length)]
+        return [c for c in chunks if len(c) >= 4]
+
+
+class _SpanCorruptChunk(grain.transforms.RandomMap):
+    """A chunk -> a T5 pair: corrupted input + eos; sentinel-and-span targets."""
+
+    def __init__(self, tokenizer: Tokenizer, first_sentinel_id: int) -> None:
+        self._eos, self._bos = tokenizer.eos_id, tokenizer.bos_id
+        self._first_sentinel_id = first_sentinel_id
+
+    def random_map(self, chunk: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        pair = span_corrupt(chunk, rng, first_sentinel_id=self._first_sentinel_id, eos_id=self._eos)
+        targets = pair["targets"]
+        return {
+            "encoder_inputs": np.append(pair["inputs"], self._eos).astype(np.int32),
+            "inputs": np.concatenate([[self._bos], targets[:-1]]).astype(np.int32),
+            "targets": targets.astype(np.int32),
+        }
+
+
+def make_span_corruption_dataset(
+    data_cfg: Any,
+    *,
+    split: str,
+    source_len: int,
+    target_len: int,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    repeat: bool,
+    first_sentinel_id: int,
+) -> grain.IterDataset:
+    """T5 pre-training batches from plain text (the LM sources), in the seq2seq format.
+
+    Documents are cut into chunks sized so that their corrupted inputs fill
+    ``source_len``; each chunk is span-corrupted (15% noise, mean span 3, sentinels
+    counting down from ``first_sentinel_id``), redrawn every epoch, then packed like
+    translation pairs. ``target_len`` must hold the targets
+    (:func:`span_corruption_lengths`).
+    """
+    check_batching(global_batch, process_index, process_count, source_len, target_len)
+    raw_len, needed = span_corruption_lengths(source_len)
+    if needed > target_len:
+        raise DataError(
+            f"data.seq_len={target_len} cannot hold span-corruption targets of {needed} "
+            f"tokens for data.source_seq_len={source_len}; raise data.seq_len to {needed}"
+        )
+    tokenizer = build_tokenizer(data_cfg)
+    doc_seed, corrupt_seed, pack_seed = _seeds(seed, 3)
+    docs = load_documents(data_cfg, split).shuffle(seed=doc_seed)
+    if repeat:
+        docs = docs.repeat(None)
+    ds = docs.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1)), prefetch_buffer_size=64)
+    )
+    ds = grain.experimental.FlatMapIterDataset(ds, _ChunkTokens(tokenizer, raw_len))
+    ds = ds.random_map(_SpanCorruptChunk(tokenizer, first_sentinel_id), seed=corrupt_seed)
+    return _pack_and_batch(
+        ds, data_cfg, source_len, target_len, global_batch, process_index, process_count, pack_seed
+    )
 
 
 # ---------------------------------------------------------------------------

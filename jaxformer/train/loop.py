@@ -27,6 +27,8 @@ from jaxformer.train.step import TrainState, init_state, jit_steps
 
 log = logging.getLogger("jaxformer")
 
+T5_SENTINELS = 100
+
 
 @dataclass
 class Run:
@@ -56,6 +58,12 @@ def _dataset(cfg: ml_collections.ConfigDict, split: str, repeat: bool) -> Any:
         seed=cfg.data.shuffle_seed,
         repeat=repeat,
     )
+    if cfg.model.family == "t5":
+        # Sentinels count down from the last id, as T5's <extra_id_0> = 32099 of 32128 does.
+        return jdata.make_span_corruption_dataset(
+            cfg.data, split=split, source_len=cfg.data.source_seq_len or cfg.data.seq_len,
+            target_len=cfg.data.seq_len, first_sentinel_id=cfg.model.vocab_size - 1, **hosts,
+        )  # fmt: skip
     if cfg.model.family == "encoder_decoder":
         return jdata.make_seq2seq_dataset(
             cfg.data, split=split, source_len=cfg.data.source_seq_len or cfg.data.seq_len,
@@ -88,21 +96,14 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
     """Validates the config, builds the mesh and the state, and restores the latest checkpoint."""
     rules = parallel.DEFAULT_RULES if rules is None else rules
     mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
-    if cfg.model.family == "t5":
-        # The model, presets and Hugging Face mapping exist; span corruption is not yet
-        # fed by the input pipeline.
-        raise ConfigError(
-            "config key 'model.family': training 't5' with jaxformer train is not supported "
-            "yet (its span-corruption data path is not wired); decoder, encoder_decoder and "
-            "bert are"
-        )
     tokenizer = jdata.build_tokenizer(cfg.data)
-    needed = tokenizer.vocab_size + (cfg.model.family == "bert")  # + BERT's [MASK]
-    if needed > cfg.model.vocab_size:
+    # BERT's [MASK] and T5's 100 sentinels take the ids after the tokenizer's vocabulary.
+    extra = {"bert": (1, " plus [MASK]"), "t5": (T5_SENTINELS, " plus 100 sentinels")}
+    count, what = extra.get(cfg.model.family, (0, ""))
+    if tokenizer.vocab_size + count > cfg.model.vocab_size:
         raise ConfigError(
             f"config key 'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the "
-            f"tokenizer's vocabulary ({tokenizer.vocab_size}"
-            + (" plus [MASK])" if cfg.model.family == "bert" else ")")
+            f"tokenizer's vocabulary ({tokenizer.vocab_size}{what})"
         )
     # Open the data before compiling anything, so a missing dataset fails fast.
     train_data = _dataset(cfg, cfg.data.train_split, repeat=True)
