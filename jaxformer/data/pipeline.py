@@ -216,6 +216,12 @@ def _seeds(seed: int, n: int) -> list[int]:
     return [int(s) % 2**31 for s in state]
 
 
+def to_iter(records: grain.MapDataset) -> grain.IterDataset:
+    """Random-access records -> a stream read ahead by a few threads."""
+    threads = max(1, min(8, os.cpu_count() or 1))
+    return records.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64))
+
+
 def check_batching(
     global_batch: int, process_index: int, process_count: int, *lengths: int
 ) -> None:
@@ -305,8 +311,7 @@ def make_dataset(
     if repeat:
         docs = docs.repeat(None)  # grain reseeds the shuffle for every epoch
     docs = docs.map(_Tokenize(tokenizer))
-    read_threads = max(1, min(8, os.cpu_count() or 1))
-    ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    ds = to_iter(docs)
     ds = grain.experimental.FlatMapIterDataset(ds, _ChunkDocument(seq_len))
     ds = grain.experimental.WindowShuffleIterDataset(
         ds, window_size=max(_MIN_SHUFFLE_WINDOW, 4 * global_batch), seed=window_seed

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from jaxformer.data.pipeline import (
     batch_and_prefetch,
     check_batching,
     load_documents,
+    to_iter,
 )
 from jaxformer.data.tokenizers import Tokenizer, build_tokenizer
 
@@ -347,9 +347,7 @@ def make_seq2seq_dataset(
     if repeat:
         pairs = pairs.repeat(None)  # grain reseeds the shuffle for every epoch
     pairs = pairs.map(_TokenizePair(tokenizer)).filter(_FitsLimits(source_len, target_len, split))
-    ds = pairs.to_iter_dataset(
-        grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1)), prefetch_buffer_size=64)
-    )
+    ds = to_iter(pairs)
     return _pack_and_batch(
         ds, data_cfg, source_len, target_len, global_batch, process_index, process_count, pack_seed
     )
@@ -457,9 +455,7 @@ def make_span_corruption_dataset(
     docs = load_documents(data_cfg, split).shuffle(seed=doc_seed)
     if repeat:
         docs = docs.repeat(None)
-    ds = docs.to_iter_dataset(
-        grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1)), prefetch_buffer_size=64)
-    )
+    ds = to_iter(docs)
     ds = grain.experimental.FlatMapIterDataset(ds, _ChunkTokens(tokenizer, raw_len))
     ds = ds.random_map(_SpanCorruptChunk(tokenizer, first_sentinel_id), seed=corrupt_seed)
     return _pack_and_batch(

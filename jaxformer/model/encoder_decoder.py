@@ -116,7 +116,41 @@ def _scan(cfg: ModelConfig, blocks: nnx.Module, x: jax.Array, key: Any, call: Ca
     return scan(x, blocks, keys)
 
 
-class EncoderDecoder(TokenEmbeddings, nnx.Module):
+class Seq2Seq:
+    """The entry points every encoder-decoder family shares, given its ``encode`` and
+    ``decode_train``."""
+
+    def __call__(
+        self,
+        encoder_inputs_BxS: jax.Array,
+        encoder_segment_ids_BxS: jax.Array,
+        encoder_positions_BxS: jax.Array,
+        inputs_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+        memory_BxSxD = self.encode(
+            encoder_inputs_BxS, encoder_segment_ids_BxS, encoder_positions_BxS, keys[0]
+        )
+        return self.decode_train(
+            memory_BxSxD, encoder_segment_ids_BxS, inputs_BxL, segment_ids_BxL, positions_BxL,
+            keys[1],
+        )  # fmt: skip
+
+    def apply_batch(
+        self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits aligned with ``batch["targets"]``, and no aux values (no MoE here)."""
+        logits = self(
+            batch["encoder_inputs"], batch["encoder_segment_ids"], batch["encoder_positions"],
+            batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
+        )  # fmt: skip
+        return logits, {}
+
+
+class EncoderDecoder(Seq2Seq, TokenEmbeddings, nnx.Module):
     """Shared embedding, encoder stack, decoder stack with cross-attention, tied logits."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -175,32 +209,3 @@ class EncoderDecoder(TokenEmbeddings, nnx.Module):
         if self.decoder_norm is not None:
             x_BxLxD = self.decoder_norm(x_BxLxD)
         return self._output_logits(x_BxLxD)
-
-    def __call__(
-        self,
-        encoder_inputs_BxS: jax.Array,
-        encoder_segment_ids_BxS: jax.Array,
-        encoder_positions_BxS: jax.Array,
-        inputs_BxL: jax.Array,
-        segment_ids_BxL: jax.Array,
-        positions_BxL: jax.Array,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
-        keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-        memory_BxSxD = self.encode(
-            encoder_inputs_BxS, encoder_segment_ids_BxS, encoder_positions_BxS, keys[0]
-        )
-        return self.decode_train(
-            memory_BxSxD, encoder_segment_ids_BxS, inputs_BxL, segment_ids_BxL, positions_BxL,
-            keys[1],
-        )  # fmt: skip
-
-    def apply_batch(
-        self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Logits aligned with ``batch["targets"]``, and no aux values (no MoE here yet)."""
-        logits = self(
-            batch["encoder_inputs"], batch["encoder_segment_ids"], batch["encoder_positions"],
-            batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
-        )  # fmt: skip
-        return logits, {}

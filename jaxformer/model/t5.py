@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.model.decoder import ModelConfig
-from jaxformer.model.encoder_decoder import _scan, _stack, _sublayer
+from jaxformer.model.encoder_decoder import Seq2Seq, _scan, _stack, _sublayer
 from jaxformer.model.layers import (
     MLP,
     Attention,
@@ -145,7 +145,7 @@ class T5DecoderBlock(nnx.Module):
         return constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
 
-class T5(TokenEmbeddings, nnx.Module):
+class T5(Seq2Seq, TokenEmbeddings, nnx.Module):
     """Shared embedding, encoder and decoder stacks with relative position bias, logits."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -208,32 +208,3 @@ class T5(TokenEmbeddings, nnx.Module):
         if cfg.tie_embeddings:  # T5 1.0: rescale before the tied projection (Mesh TF)
             x_BxLxD = x_BxLxD * cfg.d_model**-0.5
         return self._output_logits(x_BxLxD)
-
-    def __call__(
-        self,
-        encoder_inputs_BxS: jax.Array,
-        encoder_segment_ids_BxS: jax.Array,
-        encoder_positions_BxS: jax.Array,
-        inputs_BxL: jax.Array,
-        segment_ids_BxL: jax.Array,
-        positions_BxL: jax.Array,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
-        keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-        memory_BxSxD = self.encode(
-            encoder_inputs_BxS, encoder_segment_ids_BxS, encoder_positions_BxS, keys[0]
-        )
-        return self.decode_train(
-            memory_BxSxD, encoder_segment_ids_BxS, inputs_BxL, segment_ids_BxL, positions_BxL,
-            keys[1],
-        )  # fmt: skip
-
-    def apply_batch(
-        self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Logits aligned with ``batch["targets"]``, and no aux values."""
-        logits = self(
-            batch["encoder_inputs"], batch["encoder_segment_ids"], batch["encoder_positions"],
-            batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
-        )  # fmt: skip
-        return logits, {}
