@@ -5,14 +5,13 @@ each source is a line of Python standard-library source; its target is the words
 reverse order with every letter ROT13-mapped (no download).
 
     jaxformer train --config=configs/reverse_words.py
-    jaxformer train --config=configs/reverse_words.py --config.train.steps=1000 \
-        --config.train.eval_every=250 --config.train.bleu_samples=256
 
-Measured 2026-11-26 on 2 CPU cores (shared part of the time with other test runs), the
-second command: 1.44M parameters, about 5,000-8,700 target tokens/s; held-out BLEU
-(greedy, 256 pairs, sacrebleu) 1.2 at step 250, 22.8 at 500, 52.1 at 750 and 67.6 at
-1000 (loss 0.28), in 14 min 13 s. The paper-style target of 90 BLEU within 15 minutes
-needs a faster-learning setting than this one (open work).
+Measured 2026-11-26 on 2 CPU cores (jax 0.10.2), this config as is: 1.44M parameters,
+about 8,500-9,300 target tokens/s; held-out BLEU (greedy, 256 pairs, sacrebleu) 66.6 at
+step 950 (8 minutes) and 94.6 at step 1,900 (loss 0.09, token accuracy 99.4%), in 16 min
+8 s of wall time including start-up, three evaluations and checkpoints. An earlier run
+with rsqrt_scale 1.0 (peak lr 4.4e-3) stalled near loss 1.8: post-LN wants the gentler
+schedule.
 """
 
 from jaxformer.config import base_config
@@ -48,8 +47,9 @@ def get_config():
     t = c.train
     t.label_smoothing = 0.1
     t.global_batch = 32
-    t.steps = 3000
-    t.eval_every = 500
-    t.checkpoint_every = 500
+    t.steps = 1900
+    t.eval_every = 950
+    t.checkpoint_every = 950
+    t.bleu_samples = 256
     t.run_dir = "runs/reverse_words"
     return c

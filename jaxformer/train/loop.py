@@ -280,9 +280,10 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             last["train"] = values
             mark_time, mark_step = time.perf_counter(), step
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps):
+            eval_start = time.perf_counter()
             last["eval"] = evaluate(run, state)
             logger.write(step, "eval", last["eval"])
-            mark_time = time.perf_counter()
+            mark_time += time.perf_counter() - eval_start  # step time excludes evaluation
         run.checkpointer.maybe_save(step, state, batches.get_state(), force=step == t.steps)
     run.checkpointer.close()
     logger.close()
