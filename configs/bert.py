@@ -1,17 +1,24 @@
-"""BERT (Devlin et al., 2018) at its two sizes; pick one with the config argument.
+"""BERT (Devlin et al., 2018) at its two sizes, and two CPU-sized ones; pick one with the
+config argument.
 
-    jaxformer train --config=configs/bert.py:base      # or large
+    jaxformer train --config=configs/bert.py:base      # or large; tiny, mini for a CPU
     python tools/count_params.py --config=configs/bert.py:large
 
 (configs/bert_base.py and configs/bert_large.py name the same presets.)
 
-``jaxformer train`` trains the masked-LM objective (RoBERTa-style, without next-sentence
-prediction): packed rows from the data pipeline are masked by
+``jaxformer train`` trains masked LM: packed rows from the data pipeline are masked by
 ``jaxformer.data.objectives.bert_mask`` (15%; 80% [MASK], 10% random, 10% unchanged,
-redrawn every epoch), [MASK] being the first id after the tokenizer's vocabulary. The NSP
-head and the sequence-classification head exist on :class:`jaxformer.model.bert.Bert`
-but their data paths and a fine-tuning command are not built yet. Hugging Face weights
-load and save with :mod:`jaxformer.model.hf_bert`.
+redrawn every epoch), [MASK] being the first id after the tokenizer's vocabulary.
+``--config.data.nsp=True`` adds next-sentence prediction as in the paper: one
+``[CLS] A [SEP] B [SEP]`` row per example, B the next span of lines or (50%) a span of
+another document, loss = MLM + NSP (``jaxformer/data/bert_tasks.py``); evaluation reports
+``nsp_accuracy`` beside the MLM metrics. Fine-tune the result as a classifier with
+configs/bert_classify.py (``train.init_from``). Hugging Face weights load and save with
+:mod:`jaxformer.model.hf_bert`.
+
+``tiny`` (2 x 128, 2 heads) and ``mini`` (4 x 256, 4 heads) have the shapes of Turc et
+al. (2019)'s BERT-Tiny and BERT-Mini with jaxformer's byte vocabulary (384 ids), 128-token
+rows, MLM + NSP and a 2000-step schedule: the pipeline end to end on a CPU in minutes.
 
 | size | layers x d_model x heads, FFN | encoder + pooler | + MLM and NSP heads |
 |---|---|---|---|
@@ -30,8 +37,14 @@ paper: Adam lr 1e-4, b2 0.999, weight decay 0.01, 10k warmup steps then linear d
 
 from jaxformer.config import base_config
 
-# size: (d_model, layers, heads, d_ff)
-SIZES = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096)}
+# size: (d_model, layers, heads, d_ff); tiny and mini are Turc et al. (2019)'s BERT-Tiny/Mini.
+SIZES = {
+    "tiny": (128, 2, 2, 512),
+    "mini": (256, 4, 4, 1024),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+}
+CPU_SIZES = ("tiny", "mini")
 
 
 def get_config(size: str = "base"):
@@ -39,6 +52,8 @@ def get_config(size: str = "base"):
         raise ValueError(f"BERT size {size!r}: choose one of {list(SIZES)}")
     d_model, layers, heads, d_ff = SIZES[size]
     c = base_config()
+    if size in CPU_SIZES:
+        return _cpu_config(c, size)
     m = c.model
     m.family = "bert"
     m.vocab_size = 30522
@@ -70,5 +85,44 @@ def get_config(size: str = "base"):
     t.eval_every = 10_000
     t.checkpoint_every = 10_000
     t.log_every = 100
+    t.run_dir = f"runs/bert_{size}"
+    return c
+
+
+def _cpu_config(c, size: str):
+    """BERT-Tiny/Mini's shapes with the byte vocabulary (384 ids), 128-token rows and a
+    schedule that shows both objectives learning on a CPU in minutes."""
+    d_model, layers, heads, d_ff = SIZES[size]
+    m = c.model
+    m.family = "bert"
+    m.vocab_size = 384  # byte tokenizer (259 ids) + [MASK], padded to a multiple of 128
+    m.d_model, m.num_layers, m.num_heads, m.d_ff = d_model, layers, heads, d_ff
+    m.max_len = 128
+    m.position = "learned"
+    m.norm = "layernorm"
+    m.norm_position = "post"
+    m.norm_eps = 1e-12
+    m.mlp = "gelu_exact"
+    m.use_bias = True
+    m.dropout = 0.1
+    d = c.data
+    d.seq_len = 128
+    d.nsp = True
+    # Hold out the same files as stdlib_packages (configs/bert_classify.py), so the
+    # classifier is scored on text the pre-training never read.
+    d.eval_fraction = 0.2
+    o = c.optimizer
+    o.lr = 1e-3
+    o.b1, o.b2, o.eps = 0.9, 0.999, 1e-6
+    o.weight_decay = 0.01
+    o.schedule = "linear"
+    o.warmup_steps = 100
+    o.min_lr_ratio = 0.0
+    t = c.train
+    t.steps = 2000
+    t.global_batch = 32
+    t.eval_every = 500
+    t.checkpoint_every = 500
+    t.log_every = 50
     t.run_dir = f"runs/bert_{size}"
     return c

@@ -2,8 +2,8 @@
 
     jaxformer train --config=configs/bert_base.py
 
-See configs/bert.py for exact parameter counts. Masked-LM training through
-``jaxformer train`` is not wired yet (the lead integrates the ``bert`` family).
+See configs/bert.py for exact parameter counts and the objectives (masked LM, and
+next-sentence prediction with ``--config.data.nsp=True``).
 """
 
 from jaxformer.config import sibling_config

@@ -3,6 +3,7 @@
 jaxformer train --config=configs/default.py --config.optimizer.lr=1e-3
 jaxformer eval --config=configs/default.py
 jaxformer generate --config=configs/default.py --prompt="def " --temperature=0.8
+jaxformer plan --config=configs/default.py --devices=8 --config.mesh.fsdp=8
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--length_penalty", type=float, default=0.6, help="beam search GNMT alpha")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    plan = sub.add_parser(
+        "plan",
+        help="compile the train step for the mesh without running it; report memory, "
+        "collectives and FLOPs per device",
+    )
+    plan.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+    plan.add_argument(
+        "--devices", type=int, default=0,
+        help="plan for N simulated CPU devices (default: the devices present)",
+    )  # fmt: skip
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
@@ -60,7 +72,8 @@ def _split_overrides(rest: Sequence[str]) -> list[str]:
 
 
 def _generate(cfg: Any, args: argparse.Namespace) -> str:
-    """Restores the latest checkpoint and returns the decoded continuation of the prompt."""
+    """Restores the latest checkpoint and returns the decoded continuation of the prompt
+    (for an encoder-decoder: the target generated for the prompt as source)."""
     import jax
     import numpy as np
 
@@ -70,12 +83,19 @@ def _generate(cfg: Any, args: argparse.Namespace) -> str:
     tokenizer = jdata.build_tokenizer(cfg.data)
     model, step, mesh = decode.restore_model(cfg)
     log.info("generating from the checkpoint at step %d", step)
-    prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(args.prompt)]).astype(np.int32)
+    text = tokenizer.encode(args.prompt)
+    common: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)
+    if cfg.model.family in ("encoder_decoder", "t5"):
+        # The prompt is the source (ended by eos, as in training); the decoder starts at bos.
+        source = np.append(text, tokenizer.eos_id).astype(np.int32)
+        common["sources"] = (source[None], None)
+        prompt = np.asarray([tokenizer.bos_id], np.int32)
+    else:
+        prompt = np.concatenate([[tokenizer.bos_id], text]).astype(np.int32)
     try:
         decode.check_fits(model, len(prompt), args.max_new_tokens)
     except ValueError as err:
         raise ConfigError(f"{err}: lower --max_new_tokens") from err
-    common = dict(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)
     with parallel.activate(mesh):
         if args.beam_size > 0:
             out = decode.beam_search(
@@ -103,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args, rest = _parser().parse_known_args(argv)
     try:
+        if args.command == "plan" and args.devices:
+            from jaxformer.plan import use_host_devices
+
+            use_host_devices(args.devices)  # before anything starts the jax backend
         cfg = load_config(args.config, _split_overrides(rest))
         if args.command == "train":
             from jaxformer.train.loop import train
@@ -119,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"step {run.restored_step} eval: {shown}")
         elif args.command == "generate":
             print(_generate(cfg, args))
+        elif args.command == "plan":
+            from jaxformer.plan import report
+
+            print(report(cfg, args.devices, as_json=args.json))
     except ConfigError as err:
         print(f"jaxformer: config error: {err}", file=sys.stderr)
         return 2

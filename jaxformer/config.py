@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.scale_embeddings = False  # multiply embeddings by sqrt(d_model) (Vaswani et al.)
     m.scale_attention = True  # divide logits by sqrt(head_dim); T5 does not
     m.type_vocab_size = 2  # bert: segment (token type) embeddings
+    m.num_labels = 0  # bert: classes of a sequence-classification head; 0 = pre-training
     m.relative_buckets = 32  # t5: relative position buckets
     m.relative_max_distance = 128  # t5: distance beyond which buckets saturate
     m.dropout = 0.0
@@ -78,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = _section()
     d = c.data
     d.name = "stdlib"  # stdlib | text_files | tfds | reverse_words (built-in seq2seq task)
+    # | stdlib_packages (built-in classification task, jaxformer/data/bert_tasks.py)
     d.paths = ""  # glob(s) for text_files, comma separated
     d.tfds_name = ""
     d.text_key = "text"
@@ -94,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.source_seq_len = 0  # encoder-side tokens per row; 0 = seq_len
     d.source_key = ""  # feature holding the source text, e.g. 'de' for wmt14_translate/de-en
     d.target_key = ""  # feature holding the target text, e.g. 'en'
+    # BERT (model.family = bert):
+    d.nsp = False  # pre-train on [CLS] A [SEP] B [SEP] pairs with next-sentence prediction
+    d.label_key = ""  # tfds classification: the integer label feature, e.g. 'label'
+    d.text_pair_key = ""  # tfds classification: a second text (segment B), e.g. 'hypothesis'
 
     c.optimizer = _section()
     o = c.optimizer
@@ -125,13 +131,29 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 100
     t.keep_checkpoints = 3
     t.run_dir = "runs/default"
+    t.init_from = ""  # run dir whose latest checkpoint's weights start a fresh run (fine-tuning)
     t.async_checkpoints = True
     t.tensorboard = True
 
     c.mesh = _section()
+    # Devices per axis within a slice (TPU) or process (GPU, CPU): the fast ICI/NVLink links.
     c.mesh.data = -1  # -1: whatever the other axes leave
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # mesh.dcn_AXIS: how many slices (or processes) the axis spans over the slow data-center
+    # network; each mesh axis is ICI size x DCN size. Keep DCN to data (or fsdp) parallelism.
+    for axis in MESH_AXES:
+        c.mesh[f"dcn_{axis}"] = 1
+
+    # Multi-process runs (docs/launch.md). One process per host (or per GPU), all started
+    # with the same config; jax.distributed connects them before anything else runs.
+    c.distributed = _section()
+    dist = c.distributed
+    dist.initialize = "auto"  # auto: when several processes are asked for | always | never
+    dist.coordinator_address = ""  # host:port of process 0; '' = $JAX_COORDINATOR_ADDRESS
+    dist.num_processes = 0  # 0 = $JAX_NUM_PROCESSES, else the cluster's (SLURM, TPU, ...)
+    dist.process_id = -1  # -1 = $JAX_PROCESS_ID, else the cluster's
+    dist.initialization_timeout = 300  # seconds to wait for every process to connect
     return c
 
 
@@ -145,10 +167,11 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "data.name": ("stdlib", "text_files", "tfds", "reverse_words"),
+    "data.name": ("stdlib", "text_files", "tfds", "reverse_words", "stdlib_packages"),
     "data.tokenizer": ("byte", "sentencepiece"),
     "optimizer.name": ("adamw", "adafactor"),
     "optimizer.schedule": ("constant", "linear", "cosine", "wsd", "rsqrt"),
+    "distributed.initialize": ("auto", "always", "never"),
 }
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -260,8 +283,29 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return check_schema(cfg)
 
 
-def resolve_mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Mesh axis sizes with at most one -1 filled in; raises if they do not cover the devices."""
+def resolve_mesh(
+    mesh_cfg: ml_collections.ConfigDict, num_devices: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The (ICI, DCN) sizes of every mesh axis, with at most one ICI -1 filled in.
+
+    The DCN sizes (``mesh.dcn_AXIS``) multiply to the number of slices or processes the
+    devices are grouped in; the ICI sizes (``mesh.AXIS``) cover the devices of one group.
+    """
+    dcn = {axis: int(mesh_cfg[f"dcn_{axis}"]) for axis in MESH_AXES}
+    for axis, size in dcn.items():
+        if size < 1:
+            raise ConfigError(f"config key 'mesh.dcn_{axis}' must be >= 1, got {size}")
+    groups = math.prod(dcn.values())
+    dcn_keys = ", ".join(f"'mesh.dcn_{axis}'" for axis in MESH_AXES)
+    if num_devices % groups:
+        raise ConfigError(
+            f"config keys {dcn_keys} multiply to {groups}, which does not divide the "
+            f"{num_devices} devices"
+        )
+    per_group = num_devices // groups
+    where = f"{num_devices} devices"
+    if groups > 1:
+        where = f"{per_group} devices per slice/process ({num_devices} in all)"
     sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
     if len(free) > 1:
@@ -271,26 +315,78 @@ def resolve_mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) ->
             raise ConfigError(f"config key 'mesh.{axis}' must be positive or -1, got {size}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
-        if num_devices % fixed:
+        if per_group % fixed:
             raise ConfigError(
-                f"mesh {sizes} cannot fill {num_devices} devices: the fixed axes multiply to "
-                f"{fixed}, which does not divide {num_devices} (config key 'mesh.{free[0]}')"
+                f"mesh {sizes} cannot fill {where}: the fixed axes multiply to "
+                f"{fixed}, which does not divide {per_group} (config key 'mesh.{free[0]}')"
             )
-        sizes[free[0]] = num_devices // fixed
-    elif fixed != num_devices:
+        sizes[free[0]] = per_group // fixed
+    elif fixed != per_group:
+        keys = ", ".join(f"'mesh.{axis}'" for axis in MESH_AXES)
         raise ConfigError(
-            f"mesh {sizes} has {fixed} devices but {num_devices} are available; "
-            "set config keys 'mesh.data', 'mesh.fsdp', 'mesh.tensor' so their product matches "
-            "(or use -1 for one of them)"
+            f"mesh {sizes} has {fixed} devices but there are {where}; "
+            f"set config keys {keys} so their product matches (or use -1 for one of them)"
         )
-    return sizes
+    return sizes, dcn
+
+
+def resolve_mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes (ICI x DCN) with at most one -1 filled in; raises if they do not
+    cover the devices."""
+    ici, dcn = resolve_mesh(mesh_cfg, num_devices)
+    return {axis: ici[axis] * dcn[axis] for axis in MESH_AXES}
+
+
+def check_dcn(mesh_cfg: ml_collections.ConfigDict, process_count: int, num_slices: int) -> None:
+    """The DCN axes must span exactly the device groups the slow network joins: the TPU
+    slices when there are several, else the processes (one per host)."""
+    groups = math.prod(int(mesh_cfg[f"dcn_{axis}"]) for axis in MESH_AXES)
+    keys = ", ".join(f"'mesh.dcn_{axis}'" for axis in MESH_AXES)
+    if num_slices > 1:
+        if groups != num_slices:
+            raise ConfigError(
+                f"the devices span {num_slices} TPU slices but config keys {keys} multiply "
+                f"to {groups}; set them so their product is {num_slices} (e.g. "
+                f"--config.mesh.dcn_data={num_slices})"
+            )
+    elif groups > 1 and groups != process_count:
+        raise ConfigError(
+            f"config keys {keys} multiply to {groups} but the run has {process_count} "
+            f"process(es); without TPU slices each DCN group is one process, so their product "
+            f"must be {process_count} (or 1 for a mesh without DCN axes)"
+        )
+
+
+def _validate_bert_task(cfg: ml_collections.ConfigDict) -> None:
+    """BERT's objectives: classification needs labelled data and labelled data needs a
+    classifier; next-sentence prediction is a pre-training objective."""
+    m, d = cfg.model, cfg.data
+    labelled = d.name == "stdlib_packages" or (d.name == "tfds" and bool(d.label_key))
+    if m.num_labels < 0 or (m.num_labels and m.family != "bert"):
+        raise ConfigError(
+            f"config key 'model.num_labels' ({m.num_labels}) must be 0, or positive with "
+            f"model.family='bert' (got {m.family!r})"
+        )
+    if labelled != (m.num_labels > 0):
+        raise ConfigError(
+            f"config key 'model.num_labels' ({m.num_labels}) does not match the data "
+            f"(data.name={d.name!r}, data.label_key={d.label_key!r}): a classifier trains "
+            "on labelled data (stdlib_packages, or tfds with data.label_key), pre-training "
+            "on plain text"
+        )
+    if d.nsp and (m.family != "bert" or m.num_labels):
+        raise ConfigError(
+            "config key 'data.nsp' (next-sentence prediction) needs model.family='bert' "
+            f"and model.num_labels=0 (got {m.family!r}, {m.num_labels})"
+        )
 
 
 def validate(
-    cfg: ml_collections.ConfigDict, num_devices: int, process_count: int = 1
+    cfg: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, num_slices: int = 1
 ) -> dict[str, int]:
-    """Checks what needs the device count; returns the resolved mesh shape."""
+    """Checks what needs the device count; returns the resolved mesh shape (ICI x DCN)."""
     mesh = resolve_mesh_shape(cfg.mesh, num_devices)
+    check_dcn(cfg.mesh, process_count, num_slices)
     m, t = cfg.model, cfg.train
     num_kv = m.num_kv_heads or m.num_heads
     if m.num_heads % num_kv:
@@ -313,6 +409,7 @@ def validate(
             "encoder_decoder models train on source/target pairs (reverse_words, or tfds "
             "with data.source_key and data.target_key), decoders on plain text"
         )
+    _validate_bert_task(cfg)
     if cfg.data.source_seq_len > m.max_len:
         raise ConfigError(
             f"config key 'data.source_seq_len' ({cfg.data.source_seq_len}) is above the "

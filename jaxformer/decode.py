@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.data.tokenizers import PAD_ID
+from jaxformer.model.layers import segments_and_positions as _segments_and_positions
 
 Cache = dict[str, jax.Array]
 NEG_INF = -jnp.inf
@@ -75,13 +76,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[
     return prompt_BxP, mask_BxP
 
 
-def _segments_and_positions(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Segment 1 for real tokens, 0 for padding; positions count real tokens from 0."""
-    mask_BxL = mask_BxL.astype(jnp.int32)
-    positions_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0) * mask_BxL
-    return mask_BxL, positions_BxL.astype(jnp.int32)
-
-
 def _last_real_slot(mask_BxL: jax.Array) -> jax.Array:
     """Index of each row's last real token (the one whose logits predict what follows)."""
     length = mask_BxL.shape[1]
@@ -114,18 +108,33 @@ def _prepare(
     return prompt_BxP, prompt_mask_BxP
 
 
+def _sources(sources: tuple[Any, Any] | None) -> tuple[jax.Array, jax.Array] | None:
+    if sources is None:
+        return None
+    tokens_BxS, mask_BxS = sources
+    tokens_BxS = jnp.asarray(tokens_BxS, jnp.int32)
+    mask_BxS = jnp.ones(tokens_BxS.shape, bool) if mask_BxS is None else jnp.asarray(mask_BxS, bool)
+    return tokens_BxS, mask_BxS
+
+
 # -- the cached model ---------------------------------------------------------------------
 
 
 def _prefill(
-    model: Any, prompt_BxP: jax.Array, mask_BxP: jax.Array, cache_len: int
+    model: Any, prompt_BxP: jax.Array, mask_BxP: jax.Array, cache_len: int, sources: Any
 ) -> tuple[jax.Array, Cache, jax.Array]:
-    """Runs the prompt through a fresh cache of ``cache_len`` slots.
+    """Runs the prompt through a fresh cache of ``cache_len`` slots; for an
+    encoder-decoder, ``sources`` (tokens, mask) are encoded into the cache first.
 
     Returns the logits that predict the first new token, the cache and the prompt lengths.
     """
     segment_ids_BxP, positions_BxP = _segments_and_positions(mask_BxP)
-    cache = model.init_cache(prompt_BxP.shape[0], cache_len)
+    encoder = (
+        {}
+        if sources is None
+        else dict(zip(("encoder_inputs_BxS", "encoder_mask_BxS"), sources, strict=True))
+    )
+    cache = model.init_cache(prompt_BxP.shape[0], cache_len, **encoder)
     logits_BxPxV, cache = model.decode(prompt_BxP, segment_ids_BxP, positions_BxP, cache)
     last_B = _last_real_slot(mask_BxP)
     logits_BxV = jnp.take_along_axis(logits_BxPxV, last_B[:, None, None], axis=1)[:, 0]
@@ -192,6 +201,7 @@ def _generate(
     state: nnx.State,
     prompt_BxP: jax.Array,
     mask_BxP: jax.Array,
+    sources: tuple[jax.Array, jax.Array] | None,
     rng: jax.Array | None,
     eos_id: jax.Array,
     temperature: jax.Array,
@@ -205,7 +215,9 @@ def _generate(
     batch, prompt_len = prompt_BxP.shape
     n = max_new_tokens
     model = nnx.merge(graphdef, state)
-    logits_BxV, cache, prompt_lengths_B = _prefill(model, prompt_BxP, mask_BxP, prompt_len + n - 1)
+    logits_BxV, cache, prompt_lengths_B = _prefill(
+        model, prompt_BxP, mask_BxP, prompt_len + n - 1, sources
+    )
 
     def choose(logits_BxV: jax.Array, i: jax.Array) -> jax.Array:
         if greedy:
@@ -254,8 +266,12 @@ def generate(
     top_p: float = 1.0,
     rng: jax.Array | None = None,
     pad_id: int = PAD_ID,
+    sources: tuple[Any, Any] | None = None,
 ) -> Generation:
     """Continues each prompt row by up to ``max_new_tokens`` tokens with the KV cache.
+
+    For an encoder-decoder model, ``sources`` is (``tokens_BxS``, ``mask_BxS``): the
+    encoder runs once, and the prompt is the decoder's start (see :func:`translate`).
 
     ``temperature == 0`` is greedy (argmax; ``top_k``/``top_p`` unused); otherwise each
     token is drawn with :func:`sample_logits`, from ``fold_in(rng, step)``, so the same
@@ -276,6 +292,7 @@ def generate(
         state,
         prompt_BxP,
         prompt_mask_BxP,
+        _sources(sources),
         None if greedy else rng,
         jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
         jnp.asarray(temperature if not greedy else 1.0, jnp.float32),
@@ -318,6 +335,7 @@ def _beam_search(
     state: nnx.State,
     prompt_BxP: jax.Array,
     mask_BxP: jax.Array,
+    sources: tuple[jax.Array, jax.Array] | None,
     eos_id: jax.Array,
     alpha: jax.Array,
     *,
@@ -329,7 +347,9 @@ def _beam_search(
     k, n = beam_size, max_new_tokens
     model = nnx.merge(graphdef, state)
     axes = _batch_axes(model)
-    logits_BxV, cache, prompt_lengths_B = _prefill(model, prompt_BxP, mask_BxP, prompt_len + n - 1)
+    logits_BxV, cache, prompt_lengths_B = _prefill(
+        model, prompt_BxP, mask_BxP, prompt_len + n - 1, sources
+    )
     vocab = logits_BxV.shape[-1]
     # Prefill once per row, then copy it to the row's K beams: row b, beam j is b * K + j.
     cache = _take_rows(cache, axes, jnp.repeat(jnp.arange(batch), k))
@@ -421,6 +441,7 @@ def beam_search(
     eos_id: int | None,
     length_penalty_alpha: float = 0.6,
     pad_id: int = PAD_ID,
+    sources: tuple[Any, Any] | None = None,
 ) -> BeamResult:
     """The ``beam_size`` best continuations per row by log P(Y) / lp(Y) (GNMT penalty).
 
@@ -429,6 +450,7 @@ def beam_search(
     chosen parents each step. As in standard beam search an eos candidate only finishes
     if it ranks within the top K at its step, so ``beam_size=1`` with alpha 0 is greedy.
     The loop stops once no alive beam can reach any row's finished top K.
+    ``sources`` as in :func:`generate`.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -439,6 +461,7 @@ def beam_search(
         state,
         prompt_BxP,
         prompt_mask_BxP,
+        _sources(sources),
         jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
         jnp.asarray(length_penalty_alpha, jnp.float32),
         beam_size=beam_size,
@@ -447,13 +470,50 @@ def beam_search(
     )
 
 
+# -- encoder-decoder models ----------------------------------------------------------------
+
+
+def translate(
+    model: Any,
+    sources_BxS: Any,
+    source_mask_BxS: Any = None,
+    *,
+    max_new_tokens: int,
+    start_id: int,
+    eos_id: int | None,
+    beam_size: int = 1,
+    length_penalty_alpha: float = 0.6,
+    pad_id: int = PAD_ID,
+) -> jax.Array:
+    """Target tokens ``[B, max_new_tokens]`` for each source row of an encoder-decoder:
+    greedy (``beam_size=1``) or the best beam, on the KV cache. The decoder starts from
+    ``start_id`` (jaxformer's data: the tokenizer's bos; Hugging Face T5: pad, 0); rows
+    are padded with ``pad_id`` after their eos."""
+    sources = (sources_BxS, source_mask_BxS)
+    start_Bx1 = np.full((np.shape(sources_BxS)[0], 1), start_id, np.int32)
+    common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sources=sources)
+    if beam_size > 1:
+        out = beam_search(
+            model, start_Bx1, beam_size=beam_size, length_penalty_alpha=length_penalty_alpha,
+            **common,
+        )  # fmt: skip
+        return out.best_tokens_BxN
+    return generate(model, start_Bx1, **common).tokens_BxN
+
+
 # -- uncached references (tests, rescoring) -----------------------------------------------
 
 
 @nnx.jit
-def _forward(model: Any, tokens_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+def _forward(model: Any, tokens_BxL: jax.Array, mask_BxL: jax.Array, sources: Any) -> jax.Array:
     segment_ids_BxL, positions_BxL = _segments_and_positions(mask_BxL)
-    return model(tokens_BxL, segment_ids_BxL, positions_BxL)
+    if sources is None:
+        return model(tokens_BxL, segment_ids_BxL, positions_BxL)
+    source_BxS, source_mask_BxS = sources
+    return model(
+        source_BxS, *_segments_and_positions(source_mask_BxS),
+        tokens_BxL, segment_ids_BxL, positions_BxL,
+    )  # fmt: skip
 
 
 def _full_sequence(
@@ -475,14 +535,17 @@ def greedy_reference(
     max_new_tokens: int,
     eos_id: int | None = None,
     pad_id: int = PAD_ID,
+    sources: tuple[Any, Any] | None = None,
 ) -> np.ndarray:
     """Greedy decoding without a cache: the training forward over the whole sequence for
     every new token. Slow (a Python loop); it is the ground truth for the cached path.
+    ``sources`` as in :func:`generate`.
 
     The sequence lives in a [B, P + N] buffer whose not-yet-generated slots are padding
     (segment 0), so one compiled forward serves every step.
     """
     prompt_BxP, prompt_mask_BxP = _prepare(model, prompt_BxP, prompt_mask_BxP, max_new_tokens)
+    sources = _sources(sources)
     batch, prompt_len = prompt_BxP.shape
     tokens_BxN = np.full((batch, max_new_tokens), pad_id, np.int32)
     lengths_B = np.zeros(batch, np.int32)
@@ -490,7 +553,7 @@ def greedy_reference(
     last_B = np.asarray(_last_real_slot(prompt_mask_BxP))
     for i in range(max_new_tokens):
         seq_BxL, mask_BxL = _full_sequence(prompt_BxP, prompt_mask_BxP, tokens_BxN, lengths_B)
-        logits_BxLxV = np.asarray(_forward(model, seq_BxL, mask_BxL))
+        logits_BxLxV = np.asarray(_forward(model, seq_BxL, mask_BxL, sources))
         slot_B = last_B if i == 0 else np.full(batch, prompt_len + i - 1)
         token_B = logits_BxLxV[np.arange(batch), slot_B].argmax(-1)
         tokens_BxN[:, i] = np.where(finished_B, pad_id, token_B)
@@ -508,15 +571,18 @@ def sequence_log_probs(
     prompt_mask_BxP: Any,
     tokens_BxN: Any,
     lengths_B: Any,
+    sources: tuple[Any, Any] | None = None,
 ) -> jax.Array:
     """Teacher-forced log P(first ``lengths_B`` new tokens | prompt) with one uncached
-    forward: checks beam scores, and rescores candidates from anywhere."""
+    forward: checks beam scores, and rescores candidates from anywhere. ``sources`` as
+    in :func:`generate`."""
     n = jnp.asarray(tokens_BxN).shape[1]
     prompt_BxP, prompt_mask_BxP = _prepare(model, prompt_BxP, prompt_mask_BxP, n)
     tokens_BxN = jnp.asarray(tokens_BxN, jnp.int32)
     lengths_B = jnp.asarray(lengths_B, jnp.int32)
     seq_BxL, mask_BxL = _full_sequence(prompt_BxP, prompt_mask_BxP, tokens_BxN, lengths_B)
-    logprobs_BxLxV = jax.nn.log_softmax(_forward(model, seq_BxL, mask_BxL), axis=-1)
+    logits_BxLxV = _forward(model, seq_BxL, mask_BxL, _sources(sources))
+    logprobs_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
     # New token j is predicted at the slot before it: the last prompt token for j = 0.
     prompt_len = prompt_BxP.shape[1]
     j_N = jnp.arange(n)
@@ -565,44 +631,3 @@ def restore_model(cfg: Any, rules: Any = None) -> tuple[Any, int, Any]:
     finally:
         checkpointer.close()
     return nnx.merge(graphdef, state.params), step, mesh
-
-
-def translate_greedy(
-    model: Any,
-    sources_BxS: Any,
-    source_mask_BxS: Any,
-    *,
-    max_new_tokens: int,
-    bos_id: int = 1,
-) -> jax.Array:
-    """Greedy decoding for an encoder-decoder model: [B, max_new_tokens] token ids.
-
-    The encoder runs once; each step re-runs the decoder over the fixed-size target buffer
-    (no cache: O(N^2) work, fine for the short targets evaluation decodes). Rows are cut
-    at eos by the caller (``jaxformer.data.decode_batch``).
-    """
-    graphdef, state = nnx.split(model)
-    sources, mask = jnp.asarray(sources_BxS), jnp.asarray(source_mask_BxS)
-    return _translate_greedy(graphdef, state, sources, mask, max_new_tokens, bos_id)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _translate_greedy(
-    graphdef: Any, state: Any, sources_BxS: jax.Array, mask_BxS: jax.Array, n: int, bos_id: int
-) -> jax.Array:
-    seg_BxS, pos_BxS = _segments_and_positions(mask_BxS)
-    memory_BxSxD = nnx.merge(graphdef, state).encode(sources_BxS, seg_BxS, pos_BxS)
-    b = sources_BxS.shape[0]
-    tokens_BxN = jnp.zeros((b, n + 1), jnp.int32).at[:, 0].set(bos_id)
-    seg_BxN = jnp.ones((b, n), jnp.int32)
-    pos_BxN = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-
-    def step(t: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
-        tokens, params = carry  # the state rides in the carry: NNX won't merge across traces
-        model = nnx.merge(graphdef, params)
-        logits_BxNxV = model.decode_train(memory_BxSxD, seg_BxS, tokens[:, :n], seg_BxN, pos_BxN)
-        next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BxNxV, t, 1, False), axis=-1)
-        tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_B.astype(jnp.int32), t + 1, 1)
-        return tokens, params
-
-    return jax.lax.fori_loop(0, n, step, (tokens_BxN, state))[0][:, 1:]

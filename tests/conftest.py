@@ -47,6 +47,44 @@ def _tiny_config(overrides: dict[str, Any] | None = None, *, base: bool = True) 
     return check_schema(cfg)
 
 
+# The data section of jaxformer.config's schema with test-friendly values (no grain
+# workers, 64-token rows), for the data modules, which take the section alone.
+DATA_FIELDS: dict[str, Any] = {
+    "name": "stdlib",
+    "paths": "",
+    "tfds_name": "",
+    "text_key": "text",
+    "train_split": "train",
+    "eval_split": "eval",
+    "eval_fraction": 0.02,
+    "data_dir": "",
+    "tokenizer": "byte",
+    "spm_model": "",
+    "shuffle_seed": 0,
+    "worker_count": 0,
+    "seq_len": 64,
+    "source_seq_len": 0,
+    "source_key": "",
+    "target_key": "",
+}
+
+
+def _data_config(**overrides: Any) -> Any:
+    """A data-section ConfigDict: DATA_FIELDS, then ``overrides``."""
+    from ml_collections import ConfigDict
+
+    return ConfigDict({**DATA_FIELDS, **overrides})
+
+
+def _assert_same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Two lists of batches hold the same keys and the same arrays."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
 def _random_batch(
     batch_size: int, seq_len: int, vocab_size: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -77,3 +115,16 @@ def make_config():
 def make_batch():
     """Factory: ``make_batch(batch_size, seq_len, vocab_size, seed=0)`` -> numpy batch dict."""
     return _random_batch
+
+
+@pytest.fixture(scope="session")
+def make_data_config():
+    """Factory: ``make_data_config(name="text_files", paths=...)`` -> a data-section
+    ConfigDict (what ``jaxformer.data`` functions take) with test-friendly values."""
+    return _data_config
+
+
+@pytest.fixture(scope="session")
+def assert_same_batches():
+    """``assert_same_batches(a, b)``: two lists of numpy batch dicts are equal."""
+    return _assert_same_batches

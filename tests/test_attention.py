@@ -76,7 +76,7 @@ def test_alibi_attention_matches_naive_reference() -> None:
     block = jax.tree.map(lambda a: a[0], nnx.state(model.blocks))
     layer = nnx.merge(nnx.graphdef(model.blocks), block)
     mask = attention_mask(segments, causal=True, positions_BxL=positions)
-    got = np.asarray(layer.attn(layer.attn_norm(x), mask, positions))
+    got = np.asarray(layer.attn(layer.attn_norm(x), mask, positions)[0])
 
     h = np.asarray(layer.attn_norm(x), np.float64)
     w = {n: np.asarray(getattr(layer.attn, n).kernel[...], np.float64) for n in "qkvo"}

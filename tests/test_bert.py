@@ -175,12 +175,29 @@ def test_classifier_head_and_apply_batch(batch):
     out = _jax_out(model, batch)
     assert out["class_logits"].shape == (BATCH, 3) and out["pooled"].shape == (BATCH, 64)
     assert _rel_diff(out["class_logits"], _hf_out(source, batch).logits.numpy()) < RTOL
+    # A classifier's train-step entry point: class logits aligned with [B, 1] label targets.
     logits, aux = model.apply_batch(jax.tree.map(jnp.asarray, batch))
-    assert aux == {} and logits.shape == (BATCH, SEQ, VOCAB)
-    np.testing.assert_allclose(np.asarray(logits), out["mlm_logits"], rtol=1e-5, atol=1e-5)
+    assert aux == {} and logits.shape == (BATCH, 1, 3)
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], out["class_logits"], rtol=1e-5, atol=1e-5)
     # Training mode (dropout on) runs and differs from evaluation.
     train, _ = model.apply_batch(jax.tree.map(jnp.asarray, batch), jax.random.key(0))
-    assert not np.allclose(np.asarray(train), out["mlm_logits"])
+    assert not np.allclose(np.asarray(train)[:, 0], out["class_logits"])
+
+
+def test_pretraining_apply_batch(hf_model, batch):
+    """Masked-LM logits, plus the NSP head when the batch carries NSP targets."""
+    model = hf_bert.import_hf_bert(hf_model)
+    out = _jax_out(model, batch)
+    inputs = jax.tree.map(jnp.asarray, batch)
+    logits, aux = model.apply_batch(inputs)
+    assert aux == {} and logits.shape == (BATCH, SEQ, VOCAB)
+    np.testing.assert_allclose(np.asarray(logits), out["mlm_logits"], rtol=1e-5, atol=1e-5)
+    inputs["nsp_targets"] = jnp.zeros((BATCH, 1), jnp.int32)
+    logits, aux = model.apply_batch(inputs)
+    assert set(aux) == {"heads"} and aux["heads"]["nsp"].shape == (BATCH, 1, 2)
+    np.testing.assert_allclose(
+        np.asarray(aux["heads"]["nsp"])[:, 0], out["nsp_logits"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_unsupported_configs_raise():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -36,24 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BYTE = ByteTokenizer()
 
 
-def data_config(**overrides: object) -> ConfigDict:
-    """The data config fields jaxformer.config defines, with test-friendly values."""
-    cfg = {
-        "name": "text_files",
-        "paths": "",
-        "tfds_name": "",
-        "text_key": "text",
-        "train_split": "train",
-        "eval_split": "eval",
-        "eval_fraction": 0.2,
-        "data_dir": "",
-        "tokenizer": "byte",
-        "spm_model": "",
-        "shuffle_seed": 0,
-        "worker_count": 0,
-    }
-    cfg.update(overrides)
-    return ConfigDict(cfg)
+DataConfigs = Callable[..., ConfigDict]  # data_config(**overrides) -> a data section
+
+
+@pytest.fixture(scope="module")
+def data_config(make_data_config: DataConfigs) -> DataConfigs:
+    """Data configs over local text files unless told otherwise (conftest's factory)."""
+    return functools.partial(make_data_config, name="text_files", eval_fraction=0.2)
 
 
 def _write_docs(directory: Path, docs: list[str]) -> None:
@@ -70,7 +60,7 @@ LONG_DOCS = [
 
 
 @pytest.fixture(scope="module")
-def short_cfg(tmp_path_factory: pytest.TempPathFactory) -> ConfigDict:
+def short_cfg(tmp_path_factory: pytest.TempPathFactory, data_config: DataConfigs) -> ConfigDict:
     """A corpus of documents that each fit in one 64-token row."""
     root = tmp_path_factory.mktemp("short")
     _write_docs(root / "corpus", SHORT_DOCS)
@@ -78,7 +68,7 @@ def short_cfg(tmp_path_factory: pytest.TempPathFactory) -> ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def long_cfg(tmp_path_factory: pytest.TempPathFactory) -> ConfigDict:
+def long_cfg(tmp_path_factory: pytest.TempPathFactory, data_config: DataConfigs) -> ConfigDict:
     """Documents around and far beyond seq_len=32, to exercise chunking."""
     root = tmp_path_factory.mktemp("long")
     _write_docs(root / "corpus", LONG_DOCS)
@@ -103,14 +93,6 @@ def _all_batches(cfg: ConfigDict, **kwargs: object) -> list[dict[str, np.ndarray
 
 def _take(it: object, n: int) -> list[dict[str, np.ndarray]]:
     return [next(it) for _ in range(n)]  # type: ignore[call-overload]
-
-
-def _assert_same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _segments(batch: dict[str, np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
@@ -170,7 +152,7 @@ def test_byte_tokenizer_round_trip() -> None:
     assert tok.token_bytes[:3].tolist() == [0, 0, 0] and tok.token_bytes[3:].sum() == 256
 
 
-def test_missing_sentencepiece_model_error(tmp_path: Path) -> None:
+def test_missing_sentencepiece_model_error(tmp_path: Path, data_config: DataConfigs) -> None:
     missing = tmp_path / "nope.model"
     cfg = data_config(tokenizer="sentencepiece", spm_model=str(missing))
     with pytest.raises(FileNotFoundError, match="data.spm_model") as err:
@@ -192,7 +174,7 @@ def _load_tool() -> ModuleType:
     return module
 
 
-def test_sentencepiece_train_and_round_trip(tmp_path: Path) -> None:
+def test_sentencepiece_train_and_round_trip(tmp_path: Path, data_config: DataConfigs) -> None:
     docs = [
         "import os\n\n\ndef main(argv):\n    for arg in argv:\n        print(arg)\n",
         'class Foo:\n    """Docstring with ünïcödé and 漢字."""\n\n    x = 1  # comment\n',
@@ -239,7 +221,7 @@ def test_sentencepiece_train_and_round_trip(tmp_path: Path) -> None:
 # The text-files builder
 
 
-def test_text_files_builder_splits_and_cache(tmp_path: Path) -> None:
+def test_text_files_builder_splits_and_cache(tmp_path: Path, data_config: DataConfigs) -> None:
     corpus = tmp_path / "corpus"
     _write_docs(corpus, [f"document {i}\n" for i in range(30)])
     (corpus / "empty.txt").write_text("  \n")
@@ -270,7 +252,7 @@ def test_text_files_builder_splits_and_cache(tmp_path: Path) -> None:
     assert "tensorflow" not in sys.modules
 
 
-def test_jsonl_one_document_per_line(tmp_path: Path) -> None:
+def test_jsonl_one_document_per_line(tmp_path: Path, data_config: DataConfigs) -> None:
     path = tmp_path / "docs.jsonl"
     with open(path, "w") as f:
         for i in range(20):
@@ -297,7 +279,7 @@ def test_concurrent_prepare_builds_once(tmp_path: Path) -> None:
     assert not leftovers
 
 
-def test_stdlib_corpus(tmp_path: Path) -> None:
+def test_stdlib_corpus(tmp_path: Path, data_config: DataConfigs) -> None:
     files = text_files.stdlib_files()
     assert len(files) > 100
     assert not any("site-packages" in f.path or "__pycache__" in f.path for f in files)
@@ -314,7 +296,7 @@ def test_stdlib_corpus(tmp_path: Path) -> None:
     assert "tensorflow" not in sys.modules
 
 
-def test_missing_tfds_dataset_error(tmp_path: Path) -> None:
+def test_missing_tfds_dataset_error(tmp_path: Path, data_config: DataConfigs) -> None:
     cfg = data_config(name="tfds", tfds_name="lm1b", data_dir=str(tmp_path), eval_split="test")
     with pytest.raises(FileNotFoundError) as err:
         make_dataset(
@@ -346,7 +328,9 @@ class TinyNamedCorpus(tfds.core.GeneratorBasedBuilder):
             yield i, {"sentence": f"sentence number {i}: " + "ab" * (i % 7)}
 
 
-def test_named_tfds_dataset_goes_through_the_pipeline(tmp_path: Path) -> None:
+def test_named_tfds_dataset_goes_through_the_pipeline(
+    tmp_path: Path, data_config: DataConfigs
+) -> None:
     builder = TinyNamedCorpus(data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare()
     cfg = data_config(
@@ -406,12 +390,14 @@ def test_final_partial_batch_is_padded(short_cfg: ConfigDict) -> None:
     assert batches[0]["weights"][-1].sum() == 0
 
 
-def test_determinism_by_seed(short_cfg: ConfigDict) -> None:
+def test_determinism_by_seed(
+    short_cfg: ConfigDict, assert_same_batches: Callable[..., None]
+) -> None:
     kw = {"seq_len": 32, "global_batch": 4, "repeat": True}
     a = _take(iter(make_dataset(short_cfg, **_args(seed=7, **kw))), 6)
     b = _take(iter(make_dataset(short_cfg, **_args(seed=7, **kw))), 6)
     c = _take(iter(make_dataset(short_cfg, **_args(seed=8, **kw))), 6)
-    _assert_same(a, b)
+    assert_same_batches(a, b)
     assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c, strict=True))
 
 
@@ -444,7 +430,9 @@ def test_host_sharding_matches_global_batch(short_cfg: ConfigDict) -> None:
         make_dataset(short_cfg, **_args(global_batch=5, process_index=0, process_count=2, **kw))
 
 
-def test_iterator_state_resume(short_cfg: ConfigDict) -> None:
+def test_iterator_state_resume(
+    short_cfg: ConfigDict, assert_same_batches: Callable[..., None]
+) -> None:
     ds = make_dataset(short_cfg, **_args(seq_len=32, global_batch=4, seed=1, repeat=True))
     it = iter(ds)
     _take(it, 5)
@@ -453,10 +441,12 @@ def test_iterator_state_resume(short_cfg: ConfigDict) -> None:
     expected = _take(it, 12)  # crosses epoch boundaries (the split has ~32 docs)
     fresh = iter(ds)
     fresh.set_state(state)
-    _assert_same(_take(fresh, 12), expected)
+    assert_same_batches(_take(fresh, 12), expected)
 
 
-def test_orbax_checkpoint_manager_round_trip(short_cfg: ConfigDict, tmp_path: Path) -> None:
+def test_orbax_checkpoint_manager_round_trip(
+    short_cfg: ConfigDict, tmp_path: Path, assert_same_batches: Callable[..., None]
+) -> None:
     ds = make_dataset(short_cfg, **_args(seq_len=32, global_batch=4, seed=2, repeat=True))
     it = iter(ds)
     _take(it, 3)
@@ -470,7 +460,7 @@ def test_orbax_checkpoint_manager_round_trip(short_cfg: ConfigDict, tmp_path: Pa
     with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
         assert mgr.latest_step() == 3
         mgr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
-    _assert_same(_take(restored, 4), expected)
+    assert_same_batches(_take(restored, 4), expected)
 
 
 def test_bits_per_byte() -> None:

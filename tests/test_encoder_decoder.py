@@ -107,8 +107,9 @@ def test_dropout_only_with_a_key() -> None:
     assert not np.allclose(model.apply_batch(b, jax.random.key(0))[0], model.apply_batch(b)[0])
 
 
-def test_trains_on_the_built_in_task(tmp_path: Path) -> None:
-    """A few steps of configs/reverse_words.py at a tiny size: the loss falls."""
+def test_trains_on_the_built_in_task(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A few steps of configs/reverse_words.py at a tiny size: the loss falls, and
+    ``jaxformer generate`` translates a prompt with the checkpoint, greedy and by beam."""
     from jaxformer.train.logs import read_metrics
     from jaxformer.train.loop import train
 
@@ -126,6 +127,23 @@ def test_trains_on_the_built_in_task(tmp_path: Path) -> None:
     evals = [r["loss"] for r in read_metrics(tmp_path, "eval")]
     assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     assert evals[-1] < evals[0]
+
+    from jaxformer import cli, data, decode
+
+    cfg = load_config(str(ROOT / "configs/reverse_words.py"), overrides)
+    model, step, _ = decode.restore_model(cfg)
+    tokenizer = data.build_tokenizer(cfg.data)
+    source = np.append(tokenizer.encode("hello world"), tokenizer.eos_id)[None].astype(np.int32)
+    config = f"--config={ROOT / 'configs/reverse_words.py'}"
+    for how, beam in (("--temperature=0", 1), ("--beam_size=3", 3)):
+        tokens = decode.translate(
+            model, source, max_new_tokens=8, start_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id, beam_size=beam,
+        )  # fmt: skip
+        capsys.readouterr()
+        argv = ["generate", config, *overrides, "--prompt=hello world", "--max_new_tokens=8", how]
+        assert cli.main(argv) == 0
+        assert capsys.readouterr().out == tokenizer.decode(np.asarray(tokens[0])) + "\n"
 
 
 def test_family_and_data_must_match() -> None:

@@ -6,6 +6,7 @@ Skipped when torch or transformers (the ``test`` extra) is not installed.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -108,6 +109,21 @@ def test_import_from_state_dict_numpy(hf_model, tokens):
     state = {k: v.numpy() for k, v in source.state_dict().items()}
     model = hf.import_hf(state, hf.config_from_hf(hf_model.config))
     assert _rel_diff(_jax_logits(model, tokens), _hf_logits(hf_model, tokens)) < RTOL
+
+
+def test_import_checks_names_and_shapes(hf_model):
+    """A name the map needs and the source lacks, a name the map has no place for and a
+    shape the config does not give each raise, naming what is wrong."""
+    state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    cfg = hf.config_from_hf(hf_model.config)
+    dropped = sorted(k for k in state if ".1." in k)[0]  # a parameter of the second layer
+    with pytest.raises(KeyError, match=re.escape(dropped)):
+        hf.import_hf({k: v for k, v in state.items() if k != dropped}, cfg)
+    with pytest.raises(ValueError, match=r"no place for: \['extra.weight'\]"):
+        hf.import_hf({**state, "extra.weight": state[dropped]}, cfg)
+    cfg.model.vocab_size = 2 * VOCAB
+    with pytest.raises(ValueError, match="'embed' has shape"):
+        hf.import_hf(state, cfg)
 
 
 def test_config_from_hf():

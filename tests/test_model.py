@@ -130,7 +130,7 @@ def test_attention_matches_naive_per_head_reference(make_config, num_kv_heads):
     segments = np.array([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8], np.int32)
     positions = np.array([[0, 1, 2, 0, 1, 2, 3, 0], list(range(8))], np.int32)
     mask = attention_mask(jnp.asarray(segments), causal=True)
-    got = np.asarray(attn(jnp.asarray(x), mask, jnp.asarray(positions)))
+    got = np.asarray(attn(jnp.asarray(x), mask, jnp.asarray(positions))[0])
 
     w = {name: np.asarray(getattr(attn, name).kernel[...], np.float64) for name in "qkvo"}
     x64 = x.astype(np.float64)

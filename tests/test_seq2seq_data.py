@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +34,17 @@ from jaxformer.data import (
 BYTE = ByteTokenizer()
 
 
-def data_config(**overrides: object) -> ConfigDict:
-    """The data config fields jaxformer.config defines, with test-friendly values."""
-    cfg = {
-        "name": "reverse_words",
-        "paths": "",
-        "tfds_name": "",
-        "text_key": "text",
-        "train_split": "train",
-        "eval_split": "eval",
-        "eval_fraction": 0.02,
-        "data_dir": "",
-        "tokenizer": "byte",
-        "spm_model": "",
-        "shuffle_seed": 0,
-        "worker_count": 0,
-        "seq_len": 64,
-        "source_seq_len": 0,
-        "source_key": "",
-        "target_key": "",
-    }
-    cfg.update(overrides)
-    return ConfigDict(cfg)
+DataConfigs = Callable[..., ConfigDict]  # data_config(**overrides) -> a data section
 
 
 @pytest.fixture(scope="module")
-def rw_cfg(tmp_path_factory: pytest.TempPathFactory) -> ConfigDict:
+def data_config(make_data_config: DataConfigs) -> DataConfigs:
+    """Data configs for the reverse_words task unless told otherwise (conftest's factory)."""
+    return functools.partial(make_data_config, name="reverse_words")
+
+
+@pytest.fixture(scope="module")
+def rw_cfg(tmp_path_factory: pytest.TempPathFactory, data_config: DataConfigs) -> ConfigDict:
     """reverse_words over a stdlib corpus prepared once into a temporary data_dir."""
     return data_config(data_dir=str(tmp_path_factory.mktemp("stdlib")))
 
@@ -95,7 +81,7 @@ def tiny_pairs(start: int, stop: int) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> ConfigDict:
+def tiny_cfg(tmp_path_factory: pytest.TempPathFactory, data_config: DataConfigs) -> ConfigDict:
     data_dir = tmp_path_factory.mktemp("tiny_translation")
     TinyTranslation(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return data_config(
@@ -115,14 +101,6 @@ def _args(**kwargs: object) -> dict[str, object]:
 
 def _take(it: object, n: int) -> list[dict[str, np.ndarray]]:
     return [next(it) for _ in range(n)]  # type: ignore[call-overload]
-
-
-def _assert_same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _check_batch(batch: dict[str, np.ndarray], rows: int, source_len: int, target_len: int) -> None:
@@ -175,7 +153,7 @@ def test_reverse_words_rule() -> None:
         assert reverse_words_target(reverse_words_target(s)) == " ".join(s.split())
 
 
-def test_reverse_words_pairs(rw_cfg: ConfigDict) -> None:
+def test_reverse_words_pairs(rw_cfg: ConfigDict, data_config: DataConfigs) -> None:
     load_documents(data_config(name="stdlib", data_dir=rw_cfg.data_dir), "train")  # prepare
     build = seq2seq._reverse_words_pairs.__wrapped__  # uncached: time and determinism
     start = time.perf_counter()
@@ -261,7 +239,7 @@ def test_named_tfds_translation_dataset(
     assert "tensorflow" not in sys.modules
 
 
-def test_missing_named_dataset(tmp_path: Path) -> None:
+def test_missing_named_dataset(tmp_path: Path, data_config: DataConfigs) -> None:
     cfg = data_config(
         name="tfds", tfds_name="wmt14_translate/de-en", data_dir=str(tmp_path),
         source_key="de", target_key="en",
@@ -280,11 +258,13 @@ def test_missing_named_dataset(tmp_path: Path) -> None:
 # Shuffling, sharding, checkpointing
 
 
-def test_determinism_by_seed(tiny_cfg: ConfigDict) -> None:
+def test_determinism_by_seed(
+    tiny_cfg: ConfigDict, assert_same_batches: Callable[..., None]
+) -> None:
     a = _take(iter(make_seq2seq_dataset(tiny_cfg, **_args(seed=7))), 8)
     b = _take(iter(make_seq2seq_dataset(tiny_cfg, **_args(seed=7))), 8)
     c = _take(iter(make_seq2seq_dataset(tiny_cfg, **_args(seed=8))), 8)
-    _assert_same(a, b)
+    assert_same_batches(a, b)
     assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c, strict=True))
 
 
@@ -321,7 +301,9 @@ def test_host_sharding_matches_global_batch(rw_cfg: ConfigDict) -> None:
         make_seq2seq_dataset(rw_cfg, **_args(global_batch=5, process_count=2))
 
 
-def test_iterator_state_resume(tiny_cfg: ConfigDict) -> None:
+def test_iterator_state_resume(
+    tiny_cfg: ConfigDict, assert_same_batches: Callable[..., None]
+) -> None:
     ds = make_seq2seq_dataset(tiny_cfg, **_args(seed=1))
     it = iter(ds)
     _take(it, 3)
@@ -331,7 +313,7 @@ def test_iterator_state_resume(tiny_cfg: ConfigDict) -> None:
     fresh = iter(ds)
     _take(fresh, 1)
     fresh.set_state(state)
-    _assert_same(_take(fresh, 12), expected)
+    assert_same_batches(_take(fresh, 12), expected)
 
 
 # ---------------------------------------------------------------------------

@@ -205,3 +205,28 @@ def test_span_corruption_pretraining_through_jaxformer_train(repo_root, tmp_path
     train(load_config(str(repo_root / "configs/t5.py"), overrides))
     evals = [r["loss"] for r in read_metrics(tmp_path, "eval")]
     assert evals[-1] < evals[0] - 1.0
+
+
+def test_cached_greedy_equals_transformers_generate(hf_model: Any) -> None:
+    """Imported weights, KV-cache greedy decoding from the decoder start (pad, 0) to eos
+    (1): the tokens of ``transformers``' ``generate``."""
+    from jaxformer import decode
+
+    model = hf_t5.import_hf_t5(hf_model)
+    rng = np.random.default_rng(3)
+    sources = rng.integers(2, VOCAB, (3, SRC)).astype(np.int32)
+    sources[1, SRC // 2 :] = 0  # a shorter source, right-padded
+    mask = sources > 0
+    new = 12
+    with torch.no_grad():
+        expected = hf_model.generate(
+            input_ids=torch.from_numpy(sources.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            max_new_tokens=new, do_sample=False, num_beams=1, decoder_start_token_id=0,
+            eos_token_id=1, pad_token_id=0,
+        ).numpy()[:, 1:]  # fmt: skip
+    got = np.asarray(
+        decode.translate(model, sources, mask, max_new_tokens=new, start_id=0, eos_id=1)
+    )
+    np.testing.assert_array_equal(got[:, : expected.shape[1]], expected)
+    assert (got[:, expected.shape[1] :] == 0).all()

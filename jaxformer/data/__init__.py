@@ -1,5 +1,10 @@
 """Data: tokenizers, the local-text TFDS builder and the grain LM and seq2seq pipelines."""
 
+from jaxformer.data.bert_tasks import (
+    load_examples,
+    make_classification_dataset,
+    make_nsp_dataset,
+)
 from jaxformer.data.errors import DataError, MissingDataError
 from jaxformer.data.pipeline import (
     BATCH_KEYS,
@@ -41,8 +46,11 @@ __all__ = [
     "decode_batch",
     "decode_until_eos",
     "load_documents",
+    "load_examples",
+    "make_classification_dataset",
     "load_pairs",
     "make_dataset",
+    "make_nsp_dataset",
     "make_seq2seq_dataset",
     "make_span_corruption_dataset",
     "reverse_words_pairs",

@@ -338,10 +338,13 @@ def count_target_bytes(batch: dict[str, np.ndarray], tokenizer: Tokenizer) -> in
     """UTF-8 bytes of text predicted by the weighted targets of ``batch``.
 
     Byte tokenizer: one byte per non-special target. SentencePiece: each piece's
-    decoded length (byte-fallback pieces count one byte). Use with
+    decoded length (byte-fallback pieces count one byte). Batches whose targets are
+    sequence labels (``[B, 1]``, classification) predict no text: 0. Use with
     :func:`bits_per_byte`.
     """
     targets = np.asarray(batch["targets"])
+    if targets.shape != np.asarray(batch["inputs"]).shape:
+        return 0  # sequence labels (classification), not text
     mask = np.asarray(batch["weights"]) > 0
     table = tokenizer.token_bytes
     return int(np.sum(table[np.clip(targets, 0, len(table) - 1)] * mask, dtype=np.int64))

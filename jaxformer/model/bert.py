@@ -11,13 +11,15 @@ Tensor names: B batch, L length, D width, V vocabulary, T token types, C labels.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.model.decoder import ModelConfig
 from jaxformer.model.encoder_decoder import EncoderBlock, _scan, _stack
-from jaxformer.model.layers import Dense, Norm, attention_mask, dropout, param
+from jaxformer.model.layers import Dense, Norm, attention_mask, dropout, param, stack_hidden
 from jaxformer.parallel import constrain
 
 
@@ -62,15 +64,15 @@ class Bert(nnx.Module):
             Dense((d,), (num_labels,), ("embed", None), **common) if num_labels > 0 else None
         )
 
-    def encode(
+    def _encode(
         self,
         inputs_BxL: jax.Array,
         segment_ids_BxL: jax.Array,
         positions_BxL: jax.Array,
         token_type_ids_BxL: jax.Array,
         key: jax.Array | None = None,
-    ) -> jax.Array:
-        """The last encoder layer's output (BERT's ``last_hidden_state``)."""
+        capture: bool = False,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         keys = jax.random.split(key) if key is not None else (None, None)
         # Gathered copies of the tables: a gather from a sharded table replicates anyway.
@@ -81,10 +83,22 @@ class Bert(nnx.Module):
         x_BxLxD = dropout(self.embed_norm(x_BxLxD), cfg.dropout, keys[0])
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
         mask_BxLxL = attention_mask(segment_ids_BxL, causal=False)
-        return _scan(
+        x_BxLxD, captured = _scan(
             cfg, self.encoder, x_BxLxD, keys[1],
-            lambda block, x, k: block(x, mask_BxLxL, positions_BxL, k),
+            lambda block, x, k: block(x, mask_BxLxL, positions_BxL, k, None, capture),
         )  # fmt: skip
+        return x_BxLxD, stack_hidden(captured, x_BxLxD, "") if capture else {}
+
+    def encode(
+        self,
+        inputs_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        token_type_ids_BxL: jax.Array,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """The last encoder layer's output (BERT's ``last_hidden_state``)."""
+        return self._encode(inputs_BxL, segment_ids_BxL, positions_BxL, token_type_ids_BxL, key)[0]
 
     def mlm_logits(self, x_BxLxD: jax.Array) -> jax.Array:
         """Float32 masked-LM logits: transform (dense, exact GELU, LayerNorm), then the
@@ -128,16 +142,39 @@ class Bert(nnx.Module):
         return out
 
     def apply_batch(
-        self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Masked-LM logits aligned with ``batch["targets"]`` (the loss is weighted by
-        ``batch["weights"]``, 1 at masked positions), and no aux values. Only the MLM
-        head runs: the pooler and NSP head are skipped, as RoBERTa-style MLM needs."""
+        self,
+        batch: dict[str, jax.Array],
+        dropout_key: jax.Array | None = None,
+        *,
+        capture: bool = False,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """Logits aligned with ``batch["targets"]`` and the aux values: the train step's
+        entry point.
+
+        A classifier (``num_labels > 0``) returns ``[B, 1, C]`` class logits for ``[B, 1]``
+        label targets. Otherwise the masked-LM logits ``[B, L, V]`` (weighted by
+        ``batch["weights"]``, 1 at masked positions), plus, when the batch carries
+        ``nsp_targets``, the next-sentence logits ``[B, 1, 2]`` as the sentence-level head
+        ``aux["heads"]["nsp"]`` that the step adds to the loss. Without NSP the pooler is
+        skipped, as RoBERTa-style MLM needs. ``capture`` adds the intermediates of
+        :func:`jaxformer.model.capture_intermediates` to the aux values.
+        """
         inputs_BxL = batch["inputs"]
         token_type_ids_BxL = batch.get("token_type_ids")
         if token_type_ids_BxL is None:
             token_type_ids_BxL = jnp.zeros_like(inputs_BxL)
-        x_BxLxD = self.encode(
-            inputs_BxL, batch["segment_ids"], batch["positions"], token_type_ids_BxL, dropout_key
-        )
-        return self.mlm_logits(x_BxLxD), {}
+        encoder_key, pooled_key = dropout_key, None
+        if self.classifier is not None and dropout_key is not None:
+            encoder_key, pooled_key = jax.random.split(dropout_key)
+        x_BxLxD, aux = self._encode(
+            inputs_BxL, batch["segment_ids"], batch["positions"], token_type_ids_BxL,
+            encoder_key, capture,
+        )  # fmt: skip
+        if self.classifier is not None:
+            # As __call__ (and Hugging Face): dropout on the pooled output, then the classifier.
+            pooled_BxD = dropout(self.pool(x_BxLxD), self.cfg.dropout, pooled_key)
+            return self.classifier(pooled_BxD).astype(jnp.float32)[:, None, :], aux
+        if "nsp_targets" in batch:
+            nsp_Bx2 = self.nsp(self.pool(x_BxLxD)).astype(jnp.float32)
+            aux["heads"] = {"nsp": nsp_Bx2[:, None, :]}
+        return self.mlm_logits(x_BxLxD), aux

@@ -11,7 +11,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model.layers import MLP, Attention, Norm, TokenEmbeddings, attention_mask, dropout
+from jaxformer.model.layers import (
+    MLP,
+    Attention,
+    Norm,
+    TokenEmbeddings,
+    attention_mask,
+    dropout,
+    stack_hidden,
+)
 from jaxformer.model.moe import MoEMLP, reduce_layers
 from jaxformer.parallel import constrain
 
@@ -116,14 +124,17 @@ class Block(nnx.Module):
         mask_BxLxS: jax.Array,
         positions_BxL: jax.Array,
         key: jax.Array | None,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The block's output and its MLP's aux values ({} for a dense MLP)."""
+        capture: bool = False,
+    ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+        """The block's output, its MLP's aux values ({} for a dense MLP) and, with
+        ``capture``, its input and attention probabilities (else {})."""
 
-        def attend(h: jax.Array) -> tuple[jax.Array, None]:
-            return self.attn(h, mask_BxLxS, positions_BxL), None
+        def attend(h: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+            return self.attn(h, mask_BxLxS, positions_BxL, return_probs=capture)
 
-        x_BxLxD, _, aux = self._residuals(x_BxLxD, attend, key)
-        return x_BxLxD, aux
+        out_BxLxD, probs_BxHxLxL, aux = self._residuals(x_BxLxD, attend, key)
+        captured = {"hidden": x_BxLxD, "attention": probs_BxHxLxL} if capture else {}
+        return out_BxLxD, aux, captured
 
     def decode(
         self,
@@ -166,41 +177,47 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         )
 
     def _run_blocks(
-        self, x_BxLxD: jax.Array, mask_BxLxS: jax.Array, positions_BxL: jax.Array, key: Any
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The stack's output and the MLPs' aux values, reduced over layers ({} if dense)."""
+        self,
+        x_BxLxD: jax.Array,
+        mask_BxLxS: jax.Array,
+        positions_BxL: jax.Array,
+        key: Any,
+        capture: bool = False,
+    ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+        """The stack's output, the MLPs' aux values reduced over layers ({} if dense),
+        and the captured values of every layer stacked on a leading axis."""
         cfg = self.cfg
         train = key is not None
         # Without dropout the per-layer keys are placeholders, so scan keeps one signature.
         keys = jax.random.split(key, cfg.num_layers) if train else jnp.zeros(cfg.num_layers)
 
-        def apply(block: Block, x: jax.Array, k: jax.Array) -> tuple[jax.Array, dict]:
-            return block(x, mask_BxLxS, positions_BxL, k if train else None)
+        def apply(block: Block, x: jax.Array, k: jax.Array) -> tuple[jax.Array, dict, dict]:
+            return block(x, mask_BxLxS, positions_BxL, k if train else None, capture)
 
         if cfg.remat != "none":
             apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
         if not cfg.scan_layers:
-            auxes = []
+            per_layer = []
             for i, block in enumerate(self.blocks):
-                x_BxLxD, aux = apply(block, x_BxLxD, keys[i])
-                auxes.append(aux)
-            return x_BxLxD, reduce_layers(jax.tree.map(lambda *v: jnp.stack(v), *auxes))
+                x_BxLxD, aux, captured = apply(block, x_BxLxD, keys[i])
+                per_layer.append((aux, captured))
+            aux_per_layer, captured = jax.tree.map(lambda *v: jnp.stack(v), *per_layer)
+            return x_BxLxD, reduce_layers(aux_per_layer), captured
 
         @nnx.scan(
             in_axes=(nnx.Carry, 0, 0),
             out_axes=(nnx.Carry, 0),
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
-        def scan_fn(x: jax.Array, block: Block, k: jax.Array) -> tuple[jax.Array, dict]:
-            return apply(block, x, k)
+        def scan_fn(x: jax.Array, block: Block, k: jax.Array) -> tuple[jax.Array, tuple]:
+            x, aux, captured = apply(block, x, k)
+            return x, (aux, captured)
 
-        x_BxLxD, aux_per_layer = scan_fn(x_BxLxD, self.blocks, keys)
-        return x_BxLxD, reduce_layers(aux_per_layer)
+        x_BxLxD, (aux_per_layer, captured) = scan_fn(x_BxLxD, self.blocks, keys)
+        return x_BxLxD, reduce_layers(aux_per_layer), captured
 
-    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-        if self.final_norm is not None:
-            x_BxLxD = self.final_norm(x_BxLxD)
-        return self._output_logits(x_BxLxD)
+    def _final(self, x_BxLxD: jax.Array) -> jax.Array:
+        return self.final_norm(x_BxLxD) if self.final_norm is not None else x_BxLxD
 
     def __call__(
         self,
@@ -210,12 +227,14 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         dropout_key: jax.Array | None = None,
         *,
         return_aux: bool = False,
+        capture: bool = False,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Returns float32 logits [B, L, V]; ``dropout_key=None`` runs deterministically.
 
         With ``return_aux``, returns (logits, aux): the MoE auxiliary values summed over
         layers (``aux_loss``, ``z_loss``, already weighted, to add to the training loss)
-        and the mean ``dropped_fraction``; ``{}`` for a dense model.
+        and the mean ``dropped_fraction``; ``{}`` for a dense model. ``capture`` (implies
+        ``return_aux``) adds what :func:`jaxformer.model.capture_intermediates` documents.
         """
         embed_key = block_key = None
         if dropout_key is not None:
@@ -225,18 +244,27 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
             segment_ids_BxL, causal=True, positions_BxL=positions_BxL,
             window=self.cfg.sliding_window,
         )  # fmt: skip
-        x_BxLxD, aux = self._run_blocks(x_BxLxD, mask_BxLxS, positions_BxL, block_key)
-        logits_BxLxV = self._logits(x_BxLxD)
-        return (logits_BxLxV, aux) if return_aux else logits_BxLxV
+        x_BxLxD, aux, captured = self._run_blocks(
+            x_BxLxD, mask_BxLxS, positions_BxL, block_key, capture
+        )
+        x_BxLxD = self._final(x_BxLxD)
+        if capture:
+            aux = {**aux, **stack_hidden(captured, x_BxLxD, "")}
+        logits_BxLxV = self._output_logits(x_BxLxD)
+        return (logits_BxLxV, aux) if return_aux or capture else logits_BxLxV
 
     def apply_batch(
-        self, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None
+        self,
+        batch: dict[str, jax.Array],
+        dropout_key: jax.Array | None = None,
+        *,
+        capture: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Logits aligned with ``batch["targets"]`` and the aux values (the train step's
         entry point, shared by every model family)."""
         return self(
             batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
-            return_aux=True,
+            return_aux=True, capture=capture,
         )  # fmt: skip
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
@@ -299,7 +327,7 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
             "positions": pos_BxS,
             "index": index + inputs_BxT.shape[1],
         }
-        return self._logits(x_BxTxD), new_cache
+        return self._output_logits(self._final(x_BxTxD)), new_cache
 
 
 def count_params(state: Any) -> int:

@@ -1,7 +1,9 @@
 """Hugging Face interop: GPT-2 and LLaMA weights in and out of :class:`DecoderLM`.
 
 The name mapping lives here, not in the model files (as torchtitan keeps its converters
-beside the model), so the model stays free of checkpoint-format details. Conversion goes
+beside the model), so the model stays free of checkpoint-format details: the config
+translation and one name/shape map per family; the conversion machinery the BERT and T5
+modules share with this one is :mod:`jaxformer.model.hf_common`. Conversion goes
 through numpy; ``torch`` and ``transformers`` are imported lazily, only inside the
 functions that need them, and are never a runtime dependency of training.
 
@@ -27,21 +29,19 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from jaxformer.config import base_config
+from jaxformer.model import hf_common as hfc
 from jaxformer.model.decoder import DecoderLM, ModelConfig
 
 FAMILIES = ("gpt2", "llama")
-Path = tuple[str | int, ...]
 
 # Model-section keys that change the function a set of weights computes. The others
 # (scan_layers, remat, dtype, attention_impl, dropout, init_std) do not, so an imported
@@ -70,41 +70,26 @@ _IGNORED_HF_KEYS = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.
 # -- configs ------------------------------------------------------------------------------
 
 
-def _get(hf_config: Any, name: str, default: Any = None) -> Any:
-    """Reads a field from a transformers config object or a config.json dict."""
-    if isinstance(hf_config, Mapping):
-        return hf_config.get(name, default)
-    return getattr(hf_config, name, default)
-
-
-def _need(hf_config: Any, name: str) -> Any:
-    """A field the conversion cannot guess."""
-    value = _get(hf_config, name)
-    if value is None:
-        raise ValueError(f"Hugging Face config has no '{name}'")
-    return value
-
-
 def _rope_theta(hf_config: Any) -> float:
     """RoPE base for transformers 4 (``rope_theta``) and 5 (``rope_parameters``); rejects
     scaled variants (llama3, linear, dynamic, yarn) that jaxformer's RoPE does not do."""
-    params = _get(hf_config, "rope_parameters") or _get(hf_config, "rope_scaling") or {}
+    params = hfc.get(hf_config, "rope_parameters") or hfc.get(hf_config, "rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise ValueError(
             f"RoPE scaling '{rope_type}' is not supported: jaxformer's RoPE is plain "
             "(rope_type 'default')"
         )
-    theta = params.get("rope_theta", _get(hf_config, "rope_theta", 10000.0))
+    theta = params.get("rope_theta", hfc.get(hf_config, "rope_theta", 10000.0))
     return float(theta)
 
 
 def family_of_hf(hf_config: Any) -> str:
     """'gpt2' or 'llama', from ``model_type`` (or the architecture name)."""
-    model_type = _get(hf_config, "model_type", "")
+    model_type = hfc.get(hf_config, "model_type", "")
     if model_type in FAMILIES:
         return model_type
-    archs = _get(hf_config, "architectures") or []
+    archs = hfc.get(hf_config, "architectures") or []
     for arch, family in (("GPT2", "gpt2"), ("Llama", "llama")):
         if any(a.startswith(arch) for a in archs):
             return family
@@ -123,65 +108,65 @@ def config_from_hf(hf_config: Any) -> ml_collections.ConfigDict:
     m = cfg.model
     family = family_of_hf(hf_config)
     if family == "gpt2":
-        act = _get(hf_config, "activation_function", "gelu_new")
+        act = hfc.get(hf_config, "activation_function", "gelu_new")
         acts = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
         if act not in acts:
             raise ValueError(
                 f"GPT-2 activation_function {act!r} is not supported: jaxformer's 'gelu' is "
                 "the tanh approximation (gelu_new); 'relu' is also available"
             )
-        if not _get(hf_config, "scale_attn_weights", True) or _get(
+        if not hfc.get(hf_config, "scale_attn_weights", True) or hfc.get(
             hf_config, "scale_attn_by_inverse_layer_idx", False
         ):
             raise ValueError("GPT-2 attention scaling other than 1/sqrt(head_dim) is unsupported")
-        if _get(hf_config, "add_cross_attention", False):
+        if hfc.get(hf_config, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention is an encoder-decoder; unsupported")
-        d = int(_need(hf_config, "n_embd"))
-        m.vocab_size = int(_need(hf_config, "vocab_size"))
+        d = int(hfc.need(hf_config, "n_embd"))
+        m.vocab_size = int(hfc.need(hf_config, "vocab_size"))
         m.d_model = d
-        m.num_layers = int(_need(hf_config, "n_layer"))
-        m.num_heads = int(_need(hf_config, "n_head"))
+        m.num_layers = int(hfc.need(hf_config, "n_layer"))
+        m.num_heads = int(hfc.need(hf_config, "n_head"))
         m.num_kv_heads = 0
         m.head_dim = 0
-        m.d_ff = int(_get(hf_config, "n_inner") or 4 * d)
-        m.max_len = int(_need(hf_config, "n_positions"))
+        m.d_ff = int(hfc.get(hf_config, "n_inner") or 4 * d)
+        m.max_len = int(hfc.need(hf_config, "n_positions"))
         m.position = "learned"
         m.norm = "layernorm"
-        m.norm_eps = float(_get(hf_config, "layer_norm_epsilon", 1e-5))
+        m.norm_eps = float(hfc.get(hf_config, "layer_norm_epsilon", 1e-5))
         m.mlp = acts[act]
         m.use_bias = True
-        m.tie_embeddings = bool(_get(hf_config, "tie_word_embeddings", True))
-        m.dropout = float(_get(hf_config, "resid_pdrop", 0.0) or 0.0)
+        m.tie_embeddings = bool(hfc.get(hf_config, "tie_word_embeddings", True))
+        m.dropout = float(hfc.get(hf_config, "resid_pdrop", 0.0) or 0.0)
     else:
         rope_base = _rope_theta(hf_config)
-        act = _get(hf_config, "hidden_act", "silu")
+        act = hfc.get(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"LLaMA hidden_act {act!r} is not supported (only silu: SwiGLU)")
-        attention_bias = bool(_get(hf_config, "attention_bias", False))
-        mlp_bias = bool(_get(hf_config, "mlp_bias", False))
+        attention_bias = bool(hfc.get(hf_config, "attention_bias", False))
+        mlp_bias = bool(hfc.get(hf_config, "mlp_bias", False))
         if attention_bias != mlp_bias:
             raise ValueError(
                 f"LLaMA attention_bias={attention_bias} with mlp_bias={mlp_bias} is not "
                 "supported: jaxformer's model.use_bias covers attention and MLP together"
             )
-        heads = int(_need(hf_config, "num_attention_heads"))
-        d = int(_need(hf_config, "hidden_size"))
-        head_dim = int(_get(hf_config, "head_dim") or d // heads)
-        m.vocab_size = int(_need(hf_config, "vocab_size"))
+        heads = int(hfc.need(hf_config, "num_attention_heads"))
+        d = int(hfc.need(hf_config, "hidden_size"))
+        head_dim = int(hfc.get(hf_config, "head_dim") or d // heads)
+        m.vocab_size = int(hfc.need(hf_config, "vocab_size"))
         m.d_model = d
-        m.num_layers = int(_need(hf_config, "num_hidden_layers"))
+        m.num_layers = int(hfc.need(hf_config, "num_hidden_layers"))
         m.num_heads = heads
-        m.num_kv_heads = int(_get(hf_config, "num_key_value_heads") or heads)
+        m.num_kv_heads = int(hfc.get(hf_config, "num_key_value_heads") or heads)
         m.head_dim = 0 if head_dim * heads == d else head_dim
-        m.d_ff = int(_need(hf_config, "intermediate_size"))
-        m.max_len = int(_need(hf_config, "max_position_embeddings"))
+        m.d_ff = int(hfc.need(hf_config, "intermediate_size"))
+        m.max_len = int(hfc.need(hf_config, "max_position_embeddings"))
         m.position = "rope"
         m.rope_base = rope_base
         m.norm = "rmsnorm"
-        m.norm_eps = float(_get(hf_config, "rms_norm_eps", 1e-6))
+        m.norm_eps = float(hfc.get(hf_config, "rms_norm_eps", 1e-6))
         m.mlp = "swiglu"
         m.use_bias = attention_bias
-        m.tie_embeddings = bool(_get(hf_config, "tie_word_embeddings", False))
+        m.tie_embeddings = bool(hfc.get(hf_config, "tie_word_embeddings", False))
         m.dropout = 0.0
     for key, value in _OFF.items():
         if key in m:
@@ -190,19 +175,10 @@ def config_from_hf(hf_config: Any) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _model_config(cfg: Any) -> ModelConfig:
-    """A ModelConfig from a ModelConfig, a full config, or its model section."""
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    if "model" in cfg:
-        cfg = cfg["model"]
-    return ModelConfig.from_config(cfg)
-
-
 def family_of(cfg: Any) -> str:
     """The Hugging Face family that can hold a jaxformer model config exactly, or raises
     ValueError naming the options neither GPT-2 nor LLaMA has."""
-    m = _model_config(cfg)
+    m = hfc.model_config(cfg)
     family = "gpt2" if m.position == "learned" else "llama"
     want: dict[str, Any] = dict(_OFF)
     if family == "gpt2":
@@ -212,19 +188,13 @@ def family_of(cfg: Any) -> str:
             want["mlp"] = "gelu"
     else:
         want.update(position="rope", norm="rmsnorm", mlp="swiglu")
-    wrong = {k: getattr(m, k, v) for k, v in want.items() if getattr(m, k, v) != v}
-    if wrong:
-        needed = {k: want[k] for k in wrong}
-        raise ValueError(
-            f"a jaxformer model with {wrong} has no Hugging Face {family} equivalent; "
-            f"that family needs {needed}"
-        )
+    hfc.check_equivalent(m, want, family)
     return family
 
 
 def hf_config_dict(cfg: Any) -> dict[str, Any]:
     """The transformers config (as config.json fields) for a jaxformer model config."""
-    m = _model_config(cfg)
+    m = hfc.model_config(cfg)
     family = family_of(m)
     if family == "gpt2":
         out: dict[str, Any] = {
@@ -277,256 +247,81 @@ def hf_config(cfg: Any, **kwargs: Any) -> Any:
     return cls[fields.pop("model_type")](**fields)
 
 
-# -- weights: per-layer numpy mappings -------------------------------------------------
+# -- weights: the name/shape maps --------------------------------------------------------
 
 
-def _gpt2_to_jax(sd: Mapping[str, np.ndarray], m: ModelConfig) -> dict[Path, np.ndarray]:
-    """GPT2LMHeadModel names -> jaxformer paths (blocks indexed by layer)."""
+def _gpt2_weights(m: ModelConfig) -> list[hfc.Weight]:
+    """GPT2LMHeadModel. Conv1D weights are stored ``[in, out]``; ``c_attn`` packs q, k, v
+    on its last axis."""
     h, dh, d = m.num_heads, m.head_dim, m.d_model
-    out: dict[Path, np.ndarray] = {
-        ("embed",): sd["transformer.wte.weight"],
-        ("pos_embed",): sd["transformer.wpe.weight"],
-        ("final_norm", "scale"): sd["transformer.ln_f.weight"],
-        ("final_norm", "bias"): sd["transformer.ln_f.bias"],
-    }
-    if not m.tie_embeddings:
-        out[("lm_head", "kernel")] = sd["lm_head.weight"].T
-    for i in range(m.num_layers):
-        p = f"transformer.h.{i}."
-        q, k, v = np.split(sd[p + "attn.c_attn.weight"], 3, axis=1)  # Conv1D: [in, out]
-        qb, kb, vb = np.split(sd[p + "attn.c_attn.bias"], 3)
-        layer = {
-            ("attn_norm", "scale"): sd[p + "ln_1.weight"],
-            ("attn_norm", "bias"): sd[p + "ln_1.bias"],
-            ("attn", "q", "kernel"): q.reshape(d, h, dh),
-            ("attn", "k", "kernel"): k.reshape(d, h, dh),
-            ("attn", "v", "kernel"): v.reshape(d, h, dh),
-            ("attn", "q", "bias"): qb.reshape(h, dh),
-            ("attn", "k", "bias"): kb.reshape(h, dh),
-            ("attn", "v", "bias"): vb.reshape(h, dh),
-            ("attn", "o", "kernel"): sd[p + "attn.c_proj.weight"].reshape(h, dh, d),
-            ("attn", "o", "bias"): sd[p + "attn.c_proj.bias"],
-            ("mlp_norm", "scale"): sd[p + "ln_2.weight"],
-            ("mlp_norm", "bias"): sd[p + "ln_2.bias"],
-            ("mlp", "up", "kernel"): sd[p + "mlp.c_fc.weight"],
-            ("mlp", "up", "bias"): sd[p + "mlp.c_fc.bias"],
-            ("mlp", "down", "kernel"): sd[p + "mlp.c_proj.weight"],
-            ("mlp", "down", "bias"): sd[p + "mlp.c_proj.bias"],
-        }
-        out.update({("blocks", i, *key): value for key, value in layer.items()})
-    return out
-
-
-def _gpt2_from_jax(w: Mapping[Path, np.ndarray], m: ModelConfig) -> dict[str, np.ndarray]:
-    """jaxformer paths -> GPT2LMHeadModel names; the inverse of :func:`_gpt2_to_jax`."""
-    d = m.d_model
-    out = {
-        "transformer.wte.weight": w[("embed",)],
-        "transformer.wpe.weight": w[("pos_embed",)],
-        "transformer.ln_f.weight": w[("final_norm", "scale")],
-        "transformer.ln_f.bias": w[("final_norm", "bias")],
-        "lm_head.weight": w[("embed",)] if m.tie_embeddings else w[("lm_head", "kernel")].T,
-    }
+    out = [
+        hfc.weight("transformer.wte.weight", ("embed",)),
+        hfc.weight("transformer.wpe.weight", ("pos_embed",)),
+        *hfc.norm("transformer.ln_f", ("final_norm",), bias=True),
+        hfc.lm_head(m.tie_embeddings),
+    ]
+    conv1d = functools.partial(hfc.kernel, transposed=False)
     for i in range(m.num_layers):
         p, b = f"transformer.h.{i}.", ("blocks", i)
-        qkv = [w[(*b, "attn", n, "kernel")].reshape(d, d) for n in "qkv"]
-        qkv_bias = [w[(*b, "attn", n, "bias")].reshape(d) for n in "qkv"]
-        out.update(
-            {
-                p + "ln_1.weight": w[(*b, "attn_norm", "scale")],
-                p + "ln_1.bias": w[(*b, "attn_norm", "bias")],
-                p + "attn.c_attn.weight": np.concatenate(qkv, axis=1),
-                p + "attn.c_attn.bias": np.concatenate(qkv_bias),
-                p + "attn.c_proj.weight": w[(*b, "attn", "o", "kernel")].reshape(d, d),
-                p + "attn.c_proj.bias": w[(*b, "attn", "o", "bias")],
-                p + "ln_2.weight": w[(*b, "mlp_norm", "scale")],
-                p + "ln_2.bias": w[(*b, "mlp_norm", "bias")],
-                p + "mlp.c_fc.weight": w[(*b, "mlp", "up", "kernel")],
-                p + "mlp.c_fc.bias": w[(*b, "mlp", "up", "bias")],
-                p + "mlp.c_proj.weight": w[(*b, "mlp", "down", "kernel")],
-                p + "mlp.c_proj.bias": w[(*b, "mlp", "down", "bias")],
-            }
-        )
+        q_k_v = [(*b, "attn", n) for n in "qkv"]
+        out += hfc.norm(p + "ln_1", (*b, "attn_norm"), bias=True)
+        out += hfc.packed(p + "attn.c_attn", q_k_v, conv1d((d,), (h, dh)), hfc.reshaped(h, dh))
+        out += hfc.dense(p + "attn.c_proj", (*b, "attn", "o"), conv1d((h, dh), (d,)), hfc.SAME)
+        out += hfc.norm(p + "ln_2", (*b, "mlp_norm"), bias=True)
+        out += hfc.dense(p + "mlp.c_fc", (*b, "mlp", "up"), hfc.SAME, hfc.SAME)
+        out += hfc.dense(p + "mlp.c_proj", (*b, "mlp", "down"), hfc.SAME, hfc.SAME)
     return out
 
 
-# LLaMA's nn.Linear layers, as (HF module, jaxformer path, heads of the output axis or
-# None): HF stores [out, in], jaxformer [in, *out] with heads split out of q, k, v and o.
-_LLAMA_LINEAR = (
-    ("self_attn.q_proj", ("attn", "q"), "q"),
-    ("self_attn.k_proj", ("attn", "k"), "kv"),
-    ("self_attn.v_proj", ("attn", "v"), "kv"),
-    ("self_attn.o_proj", ("attn", "o"), "o"),
-    ("mlp.gate_proj", ("mlp", "gate"), None),
-    ("mlp.up_proj", ("mlp", "up"), None),
-    ("mlp.down_proj", ("mlp", "down"), None),
-)
-
-
-def _llama_to_jax(sd: Mapping[str, np.ndarray], m: ModelConfig) -> dict[Path, np.ndarray]:
-    """LlamaForCausalLM names -> jaxformer paths (blocks indexed by layer)."""
-    heads = {"q": m.num_heads, "kv": m.num_kv_heads}
-    out: dict[Path, np.ndarray] = {
-        ("embed",): sd["model.embed_tokens.weight"],
-        ("final_norm", "scale"): sd["model.norm.weight"],
-    }
-    if not m.tie_embeddings:
-        out[("lm_head", "kernel")] = sd["lm_head.weight"].T
+def _llama_weights(m: ModelConfig) -> list[hfc.Weight]:
+    """LlamaForCausalLM. ``nn.Linear`` weights are stored ``[out, in]``."""
+    bias = hfc.SAME if m.use_bias else None
+    out = [
+        hfc.weight("model.embed_tokens.weight", ("embed",)),
+        *hfc.norm("model.norm", ("final_norm",), bias=False),
+        hfc.lm_head(m.tie_embeddings),
+    ]
     for i in range(m.num_layers):
         p, b = f"model.layers.{i}.", ("blocks", i)
-        out[(*b, "attn_norm", "scale")] = sd[p + "input_layernorm.weight"]
-        out[(*b, "mlp_norm", "scale")] = sd[p + "post_attention_layernorm.weight"]
-        for name, path, split in _LLAMA_LINEAR:
-            kernel = sd[p + name + ".weight"].T  # [in, out]
-            if split == "o":
-                kernel = kernel.reshape(m.num_heads, m.head_dim, m.d_model)
-            elif split is not None:
-                kernel = kernel.reshape(m.d_model, heads[split], m.head_dim)
-            out[(*b, *path, "kernel")] = kernel
-            if m.use_bias:
-                bias = sd[p + name + ".bias"]
-                if split in heads:
-                    bias = bias.reshape(heads[split], m.head_dim)
-                out[(*b, *path, "bias")] = bias
+        out += hfc.norm(p + "input_layernorm", (*b, "attn_norm"), bias=False)
+        out += hfc.norm(p + "post_attention_layernorm", (*b, "mlp_norm"), bias=False)
+        attn = [f"{p}self_attn.{n}_proj" for n in "qkvo"]
+        out += hfc.attention(attn, (*b, "attn"), m, bias=m.use_bias)
+        for n in ("gate", "up", "down"):
+            out += hfc.dense(f"{p}mlp.{n}_proj", (*b, "mlp", n), hfc.TRANSPOSED, bias)
     return out
 
 
-def _llama_from_jax(w: Mapping[Path, np.ndarray], m: ModelConfig) -> dict[str, np.ndarray]:
-    """jaxformer paths -> LlamaForCausalLM names; the inverse of :func:`_llama_to_jax`."""
-    out = {
-        "model.embed_tokens.weight": w[("embed",)],
-        "model.norm.weight": w[("final_norm", "scale")],
-        "lm_head.weight": w[("embed",)] if m.tie_embeddings else w[("lm_head", "kernel")].T,
-    }
-    for i in range(m.num_layers):
-        p, b = f"model.layers.{i}.", ("blocks", i)
-        out[p + "input_layernorm.weight"] = w[(*b, "attn_norm", "scale")]
-        out[p + "post_attention_layernorm.weight"] = w[(*b, "mlp_norm", "scale")]
-        for name, path, split in _LLAMA_LINEAR:
-            kernel = w[(*b, *path, "kernel")]
-            fan_in = m.num_heads * m.head_dim if split == "o" else kernel.shape[0]
-            out[p + name + ".weight"] = kernel.reshape(fan_in, -1).T
-            if m.use_bias:
-                out[p + name + ".bias"] = w[(*b, *path, "bias")].reshape(-1)
-    return out
+def _weights(m: ModelConfig) -> list[hfc.Weight]:
+    """The map of the family that holds ``m`` (raises if none does)."""
+    return {"gpt2": _gpt2_weights, "llama": _llama_weights}[family_of(m)](m)
 
 
-_TO_JAX = {"gpt2": _gpt2_to_jax, "llama": _llama_to_jax}
-_FROM_JAX = {"gpt2": _gpt2_from_jax, "llama": _llama_from_jax}
+def _stacks(m: ModelConfig) -> dict[str, int]:
+    return {"blocks": m.num_layers} if m.scan_layers else {}
 
 
-# -- weights: state plumbing ------------------------------------------------------------
+# -- import and export --------------------------------------------------------------------
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor (any dtype, any device) or array-like as a numpy array; bf16/fp16
-    tensors become float32, since numpy has no bf16 and the target dtype is applied later."""
-    if hasattr(value, "detach"):  # a torch tensor; torch is imported only if one is given
-        import torch
-
-        value = value.detach().cpu()
-        if value.is_floating_point() and value.dtype != torch.float64:
-            value = value.to(torch.float32)
-        return value.numpy()
-    return np.asarray(value)
-
-
-def _stack_layers(flat: dict[Path, np.ndarray], m: ModelConfig) -> dict[Path, np.ndarray]:
-    """``('blocks', i, *rest)`` -> ``('blocks', *rest)`` stacked over i (scanned layers)."""
-    out = {k: v for k, v in flat.items() if k[0] != "blocks"}
-    rests = {k[2:] for k in flat if k[0] == "blocks"}
-    for rest in rests:
-        out[("blocks", *rest)] = np.stack([flat[("blocks", i, *rest)] for i in range(m.num_layers)])
-    return out
-
-
-def _unstack_layers(flat: dict[Path, np.ndarray], m: ModelConfig) -> dict[Path, np.ndarray]:
-    """The inverse of :func:`_stack_layers`."""
-    out = {k: v for k, v in flat.items() if k[0] != "blocks"}
-    for key, value in flat.items():
-        if key[0] == "blocks":
-            out.update({("blocks", i, *key[1:]): value[i] for i in range(m.num_layers)})
-    return out
-
-
-def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
-    out: dict[Path, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
-def _nest(flat: Mapping[Path, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
-def _name(path: Path) -> str:
-    return ".".join(str(p) for p in path)
+def _params_from_hf(state_dict: Mapping[str, Any], m: ModelConfig) -> dict:
+    family = family_of(m)
+    # The bare GPT2Model / LlamaModel name their weights without the LM's prefix.
+    state_dict = hfc.with_prefix(state_dict, {"gpt2": "transformer.", "llama": "model."}[family])
+    return hfc.params_from_hf(
+        state_dict,
+        _weights(m),
+        hfc.expected_params(lambda rngs: DecoderLM(m, rngs)),
+        family=family,
+        stacks=_stacks(m),
+        ignored=[k for k in state_dict if _IGNORED_HF_KEYS.match(k)],
+    )
 
 
 def jax_state_from_hf(state_dict: Mapping[str, Any], cfg: Any) -> dict:
     """A nested pure dict of jaxformer parameters (numpy, model dtypes) from a Hugging
     Face state dict: what ``nnx.replace_by_pure_dict`` takes. Checks every name and shape."""
-    m = _model_config(cfg)
-    family = family_of(m)
-    # The bare GPT2Model / LlamaModel name their weights without the LM's prefix.
-    prefix = {"gpt2": "transformer.", "llama": "model."}[family]
-    if not any(k.startswith(prefix) for k in state_dict):
-        state_dict = {prefix + k: v for k, v in state_dict.items()}
-    used: set[str] = set()
-
-    class _Tracked(dict):
-        def __getitem__(self, key: str) -> np.ndarray:
-            if key not in self:
-                raise KeyError(f"Hugging Face {family} state dict has no '{key}'")
-            used.add(key)
-            return _to_numpy(super().__getitem__(key))
-
-    flat = _TO_JAX[family](_Tracked(state_dict), m)
-    ignorable = {k for k in state_dict if _IGNORED_HF_KEYS.match(k)}
-    if m.tie_embeddings:
-        ignorable.add("lm_head.weight")  # a second name for the embedding
-    unused = sorted(set(state_dict) - used - ignorable)
-    if unused:
-        raise ValueError(f"Hugging Face weights jaxformer has no place for: {unused[:8]}")
-    if m.scan_layers:
-        flat = _stack_layers(flat, m)
-    abstract = nnx.eval_shape(lambda: DecoderLM(m, nnx.Rngs(0)))
-    expected = _flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    if set(expected) != set(flat):
-        missing = sorted(map(_name, set(expected) - set(flat)))
-        extra = sorted(map(_name, set(flat) - set(expected)))
-        raise ValueError(f"parameter names differ: model lacks {extra}, mapping lacks {missing}")
-    for path, spec in expected.items():
-        if flat[path].shape != spec.shape:
-            raise ValueError(
-                f"'{_name(path)}' has shape {flat[path].shape} in the Hugging Face weights but "
-                f"{spec.shape} in the jaxformer config (check vocab_size, max_len, heads)"
-            )
-        flat[path] = flat[path].astype(spec.dtype, copy=False)
-    return _nest(flat)
-
-
-def _check_same_model(have: ModelConfig, want: ModelConfig, what: str) -> None:
-    """Raises if ``have`` computes something else than ``want``: eps, RoPE base and the
-    like are not in the weights, so shapes alone cannot tell."""
-    wrong = {
-        k: (getattr(have, k, _OFF.get(k)), getattr(want, k, _OFF.get(k)))
-        for k in _ARCH_KEYS
-        if getattr(have, k, _OFF.get(k)) != getattr(want, k, _OFF.get(k))
-    }
-    if wrong:
-        detail = ", ".join(f"model.{k}={a!r} ({what}: {b!r})" for k, (a, b) in wrong.items())
-        raise ValueError(f"config does not match the {what}: {detail}")
+    return hfc.nest(_params_from_hf(state_dict, hfc.model_config(cfg)))
 
 
 def import_hf(source: Any, cfg: Any = None, *, seed: int = 0) -> DecoderLM:
@@ -539,39 +334,27 @@ def import_hf(source: Any, cfg: Any = None, *, seed: int = 0) -> DecoderLM:
     param_dtype, attention_impl, remat, dropout) are taken from ``cfg`` as given.
     No random initialisation is run: the model is built from ``eval_shape`` and filled.
     """
-    hf_cfg = getattr(source, "config", None)
-    if cfg is None:
-        if hf_cfg is None:
-            raise ValueError("import_hf needs cfg when given a bare state dict")
-        cfg = config_from_hf(hf_cfg)
-    m = _model_config(cfg)
+    m, state_dict, hf_cfg = hfc.read_source(source, cfg, config_from_hf, "import_hf")
     if hf_cfg is not None:
         want = ModelConfig.from_config(config_from_hf(hf_cfg).model)
-        _check_same_model(m, want, "Hugging Face model")
-    state_dict = source.state_dict() if hasattr(source, "state_dict") else source
-    pure = jax_state_from_hf(state_dict, m)
-    abstract = nnx.eval_shape(lambda: DecoderLM(m, nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    return nnx.merge(graphdef, state)
+        hfc.check_same_model(m, want, _ARCH_KEYS, "Hugging Face model", _OFF)
+    params = _params_from_hf(state_dict, m)
+    return hfc.build_model(lambda rngs: DecoderLM(m, rngs), params, seed)
 
 
 def _export_config(model: DecoderLM, cfg: Any) -> ModelConfig:
     """The model's own config; a ``cfg`` given too must describe the same model."""
     if cfg is not None:
-        _check_same_model(_model_config(cfg), model.cfg, "model being exported")
+        hfc.check_same_model(
+            hfc.model_config(cfg), model.cfg, _ARCH_KEYS, "model being exported", _OFF
+        )
     return model.cfg
 
 
 def hf_state_dict(model: DecoderLM, cfg: Any = None) -> dict[str, np.ndarray]:
     """The model's weights under Hugging Face names, as numpy arrays (no torch needed)."""
     m = _export_config(model, cfg)
-    family = family_of(m)
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(pure).items()}
-    if m.scan_layers:
-        flat = _unstack_layers(flat, m)
-    return {k: np.ascontiguousarray(v) for k, v in _FROM_JAX[family](flat, m).items()}
+    return hfc.params_to_hf(model, _weights(m), _stacks(m))
 
 
 def export_hf(
@@ -590,33 +373,49 @@ def export_hf(
     casts the weights; by default they stay float32. ``attn_implementation`` ("eager",
     "sdpa") is passed to the transformers config.
     """
-    import torch
-
     m = _export_config(model, cfg)
-    tensors = {
-        # Writable float32 copies only where needed: jax hands out read-only buffers.
-        k: torch.from_numpy(np.require(v, np.float32, ["C", "W"]))
-        for k, v in hf_state_dict(model, m).items()
-    }
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    tensors = hfc.to_torch(hf_state_dict(model, m), dtype)
     if not as_model:
         return tensors
     import transformers
 
-    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    config = hf_config(m, **kwargs)
+    config = hf_config(m, **hfc.config_kwargs(attn_implementation))
     cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM}
     hf_model = cls[config.model_type](config)
     if dtype is not None:
         hf_model = hf_model.to(dtype)
     if m.tie_embeddings and "lm_head.weight" not in hf_model.state_dict():
         tensors.pop("lm_head.weight")
-    hf_model.load_state_dict(tensors, strict=True)
-    return hf_model.eval()
+    return hfc.loaded(hf_model, tensors)
+
+
+# -- checkpoint directories ---------------------------------------------------------------
+
+
+def _dir_config(hf_config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """config.json says all a GPT-2 or LLaMA model needs: the shapes add nothing."""
+    del shapes
+    return config_from_hf(hf_config)
+
+
+def _dir_import(state_dict: Mapping[str, Any], cfg: Any, seed: int) -> DecoderLM:
+    return import_hf(state_dict, cfg, seed=seed)
+
+
+def _dir_export(model: DecoderLM) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    m = model.cfg
+    return hf_config_dict(m), hfc.params_to_hf(model, _weights(m), _stacks(m), aliases=False)
+
+
+# What hf_common.load_hf_dir / save_hf_dir need of GPT-2 and LLaMA.
+DIR_FAMILIES = tuple(
+    hfc.Family(name, "decoder", _dir_config, _ARCH_KEYS, _dir_import, _dir_export, _OFF)
+    for name in FAMILIES
+)
 
 
 __all__ = [
+    "DIR_FAMILIES",
     "config_from_hf",
     "export_hf",
     "family_of",

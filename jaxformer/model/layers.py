@@ -151,6 +151,15 @@ def attention_mask(
     return mask_BxLxS
 
 
+def segments_and_positions(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For one unpacked sequence per row with a padding mask (True for real tokens):
+    segment id 1 for real tokens, 0 for padding, and positions counting real tokens
+    from 0 (so left- or right-padded rows get the positions they would have alone)."""
+    mask_BxL = mask_BxL.astype(jnp.int32)
+    positions_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0) * mask_BxL
+    return mask_BxL, positions_BxL.astype(jnp.int32)
+
+
 def alibi_slopes(num_heads: int) -> jax.Array:
     """Press et al.: 2^(-8k/n) for k = 1..n; for n not a power of two, the slopes of the
     next lower power of two followed by every other slope of the next higher one."""
@@ -179,16 +188,18 @@ def dot_product_attention(
     *,
     implementation: str,
     scale: float,
-) -> jax.Array:
+    return_probs: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax(q k^T * scale + bias, masked) v with grouped KV heads.
 
     ``einsum`` is the reference: plain XLA ops, float32 logits. ``dot_product`` calls
     ``jax.nn.dot_product_attention``, which picks cuDNN's fused kernel on GPUs when the
-    shapes allow and XLA elsewhere.
+    shapes allow and XLA elsewhere. ``return_probs`` (introspection) also returns the
+    float32 probabilities ``[B, H, L, S]``, which only the einsum path materialises.
     """
     b, length, h, dh = q_BxLxHxDh.shape
     kv = k_BxSxKxDh.shape[2]
-    if implementation == "dot_product":
+    if implementation == "dot_product" and not return_probs:
         return jax.nn.dot_product_attention(
             q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh,
             bias=None if bias_BxHxLxS is None else bias_BxHxLxS.astype(q_BxLxHxDh.dtype),
@@ -204,9 +215,14 @@ def dot_product_attention(
     if bias_BxHxLxS is not None:
         att_BxKxGxLxS += bias_BxHxLxS.reshape(-1, kv, h // kv, *bias_BxHxLxS.shape[2:])
     att_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], att_BxKxGxLxS, -1e30)
-    probs_BxKxGxLxS = jax.nn.softmax(att_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
-    out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxDh)
-    return out_BxLxKxGxDh.reshape(b, length, h, dh)
+    probs_BxKxGxLxS = jax.nn.softmax(att_BxKxGxLxS, axis=-1)
+    out_BxLxKxGxDh = jnp.einsum(
+        "bkgls,bskd->blkgd", probs_BxKxGxLxS.astype(v_BxSxKxDh.dtype), v_BxSxKxDh
+    )
+    out_BxLxHxDh = out_BxLxKxGxDh.reshape(b, length, h, dh)
+    if return_probs:
+        return out_BxLxHxDh, probs_BxKxGxLxS.reshape(b, h, length, -1)
+    return out_BxLxHxDh
 
 
 class Attention(nnx.Module):
@@ -247,20 +263,23 @@ class Attention(nnx.Module):
         k_BxSxKxDh: jax.Array,
         v_BxSxKxDh: jax.Array,
         mask_BxLxS: jax.Array,
-        positions_BxL: jax.Array,
-        key_positions_BxS: jax.Array,
-        bias_BxHxLxS: jax.Array | None = None,
-    ) -> jax.Array:
+        positions: tuple[jax.Array, jax.Array] | None,
+        bias_BxHxLxS: jax.Array | None,
+        return_probs: bool,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The output projection of attention, and the probabilities if asked for.
+        ``positions`` (queries', keys') feed ALiBi; cross-attention passes None."""
         cfg = self.cfg
-        if cfg.position == "alibi":
-            alibi = alibi_bias(cfg.num_heads, positions_BxL, key_positions_BxS)
+        if cfg.position == "alibi" and positions is not None:
+            alibi = alibi_bias(cfg.num_heads, *positions)
             bias_BxHxLxS = alibi if bias_BxHxLxS is None else bias_BxHxLxS + alibi
-        out_BxLxHxDh = dot_product_attention(
+        out = dot_product_attention(
             q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias_BxHxLxS,
-            implementation=cfg.attention_impl, scale=self.scale,
+            implementation=cfg.attention_impl, scale=self.scale, return_probs=return_probs,
         )  # fmt: skip
+        out_BxLxHxDh, probs_BxHxLxS = out if return_probs else (out, None)
         out_BxLxHxDh = constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None))
-        return self.o(out_BxLxHxDh)
+        return self.o(out_BxLxHxDh), probs_BxHxLxS
 
     @property
     def scale(self) -> float:
@@ -273,24 +292,39 @@ class Attention(nnx.Module):
         mask_BxLxS: jax.Array,
         positions_BxL: jax.Array,
         bias_BxHxLxS: jax.Array | None = None,
-    ) -> jax.Array:
-        """Self-attention; ``bias_BxHxLxS`` is an additive logit bias (T5's relative
-        position bias), broadcastable over the batch."""
+        *,
+        return_probs: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Self-attention: the output, and with ``return_probs`` the probabilities
+        ``[B, H, L, L]`` (else None). ``bias_BxHxLxS`` is an additive logit bias (T5's
+        relative position bias), broadcastable over the batch."""
         q, k, v = self._qkv(x_BxLxD, positions_BxL)
-        return self._attend(q, k, v, mask_BxLxS, positions_BxL, positions_BxL, bias_BxHxLxS)
+        return self._attend(
+            q, k, v, mask_BxLxS, (positions_BxL, positions_BxL), bias_BxHxLxS, return_probs
+        )
 
-    def cross(
-        self, x_BxLxD: jax.Array, memory_BxSxD: jax.Array, mask_BxLxS: jax.Array
-    ) -> jax.Array:
-        """Cross-attention: queries from ``x``, keys and values from the encoder's output."""
-        q_BxLxHxDh = constrain(self.q(x_BxLxD), ("batch", "length", "act_heads", None))
+    def memory_kv(self, memory_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross-attention keys and values of the encoder output: computed once per
+        source when decoding, instead of once per generated token."""
         k_BxSxKxDh = constrain(self.k(memory_BxSxD), ("batch", "length", "act_kv_heads", None))
         v_BxSxKxDh = constrain(self.v(memory_BxSxD), ("batch", "length", "act_kv_heads", None))
-        out_BxLxHxDh = dot_product_attention(
-            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, None,
-            implementation=self.cfg.attention_impl, scale=self.scale,
-        )  # fmt: skip
-        return self.o(constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None)))
+        return k_BxSxKxDh, v_BxSxKxDh
+
+    def cross(
+        self,
+        x_BxLxD: jax.Array,
+        memory_kv: tuple[jax.Array, jax.Array],
+        mask_BxLxS: jax.Array,
+        *,
+        return_probs: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Cross-attention: queries from ``x``, keys and values :meth:`memory_kv` of the
+        encoder output; returns as :meth:`__call__` does."""
+        q_BxLxHxDh = constrain(self.q(x_BxLxD), ("batch", "length", "act_heads", None))
+        k_BxSxKxDh, v_BxSxKxDh = (m.astype(q_BxLxHxDh.dtype) for m in memory_kv)
+        return self._attend(
+            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, None, None, return_probs
+        )
 
     def decode(
         self,
@@ -300,6 +334,7 @@ class Attention(nnx.Module):
         key_positions_BxS: jax.Array,
         kv_cache: dict[str, jax.Array],
         index: jax.Array,
+        bias_BxHxTxS: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Attention for T new tokens against a KV cache of S slots.
 
@@ -313,9 +348,9 @@ class Attention(nnx.Module):
             "k": jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start),
             "v": jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start),
         }
-        out = self._attend(
+        out, _ = self._attend(
             q, kv_cache["k"].astype(q.dtype), kv_cache["v"].astype(q.dtype), mask_BxTxS,
-            positions_BxT, key_positions_BxS,
+            (positions_BxT, key_positions_BxS), bias_BxHxTxS, False,
         )  # fmt: skip
         return out, kv_cache
 
@@ -423,3 +458,21 @@ class TokenEmbeddings:
                 preferred_element_type=jnp.float32,
             )  # fmt: skip
         return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+
+
+def stack_hidden(
+    captured: dict[str, jax.Array], final_BxLxD: jax.Array, prefix: str
+) -> dict[str, jax.Array]:
+    """A stack's per-layer captures -> introspection outputs, in Hugging Face's layout.
+
+    ``{prefix}hidden_states`` ``[N + 1, B, L, D]`` holds every layer's input, then the
+    stack's final output (after its final norm, if it has one); every captured
+    ``*attention`` ``[N, B, H, L, S]`` keeps its name under the prefix.
+    """
+    out = {
+        f"{prefix}hidden_states": jnp.concatenate(
+            [captured["hidden"], final_BxLxD[None].astype(captured["hidden"].dtype)]
+        )
+    }
+    out.update({f"{prefix}{k}": v for k, v in captured.items() if k != "hidden"})
+    return out

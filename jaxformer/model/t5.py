@@ -1,13 +1,14 @@
 """T5 (Raffel et al. 2020) and T5.1.1: an encoder-decoder with relative position bias.
 
-Differences from :class:`jaxformer.model.encoder_decoder.EncoderDecoder`: no absolute
-positions; each stack adds a learned, per-head bias of the bucketed distance between query
-and key to its self-attention logits (one ``[buckets, H]`` table per stack, in HF's first
-layer, shared by all layers); logits are not scaled by 1/sqrt(d_k) (T5 folds that into the
-initialisation); pre-norm, scale-only RMSNorm, no biases. T5 1.0 ties the output to the
-embedding and scales the decoder output by d_model^-0.5 first; T5.1.1 has an untied head and
-gated-GELU MLPs (``model.mlp = "geglu"``). The bias is computed from positions, so packed
-pairs get the same bias as unpacked ones; the segment mask keeps them apart.
+A subclass of :class:`jaxformer.model.encoder_decoder.EncoderDecoder`, which differs in: no
+absolute positions; each stack adds a learned, per-head bias of the bucketed distance
+between query and key to its self-attention logits (one ``[buckets, H]`` table per stack,
+in HF's first layer, shared by all layers); logits are not scaled by 1/sqrt(d_k) (T5 folds
+that into the initialisation); pre-norm, scale-only RMSNorm, no biases. T5 1.0 ties the
+output to the embedding and scales the decoder output by d_model^-0.5 first; T5.1.1 has an
+untied head and gated-GELU MLPs (``model.mlp = "geglu"``). The bias is computed from
+positions, so packed pairs get the same bias as unpacked ones; the segment mask keeps them
+apart.
 Tensor names: B batch, S source length, L target length, D width, H heads, V vocabulary.
 """
 
@@ -21,17 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.model.decoder import ModelConfig
-from jaxformer.model.encoder_decoder import Seq2Seq, _scan, _stack, _sublayer
-from jaxformer.model.layers import (
-    MLP,
-    Attention,
-    Norm,
-    TokenEmbeddings,
-    attention_mask,
-    dropout,
-    param,
-)
-from jaxformer.parallel import constrain
+from jaxformer.model.encoder_decoder import EncoderDecoder
+from jaxformer.model.layers import Norm, dropout, param
 
 
 def relative_position_bucket(
@@ -83,128 +75,31 @@ class RelativeBias(nnx.Module):
         return jnp.transpose(bias_BxLxSxH, (0, 3, 1, 2))
 
 
-class T5EncoderBlock(nnx.Module):
-    """Bidirectional self-attention with the stack's position bias, then the MLP."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(
-        self,
-        x_BxSxD: jax.Array,
-        mask_BxSxS: jax.Array,
-        positions_BxS: jax.Array,
-        bias_BxHxSxS: jax.Array,
-        key: Any,
-    ) -> jax.Array:
-        keys = jax.random.split(key) if key is not None else (None, None)
-        x_BxSxD = _sublayer(
-            self.cfg, self.attn_norm, x_BxSxD,
-            lambda h: self.attn(h, mask_BxSxS, positions_BxS, bias_BxHxSxS), keys[0],
-        )  # fmt: skip
-        x_BxSxD = _sublayer(self.cfg, self.mlp_norm, x_BxSxD, self.mlp, keys[1])
-        return constrain(x_BxSxD, ("batch", "length", "act_embed"))
-
-
-class T5DecoderBlock(nnx.Module):
-    """Causal self-attention with position bias, cross-attention (no bias), then the MLP."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
-        self.attn = Attention(cfg, rngs)
-        self.cross_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
-        self.cross = Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(
-        self,
-        x_BxLxD: jax.Array,
-        memory_BxSxD: jax.Array,
-        self_mask_BxLxL: jax.Array,
-        cross_mask_BxLxS: jax.Array,
-        positions_BxL: jax.Array,
-        bias_BxHxLxL: jax.Array,
-        key: Any,
-    ) -> jax.Array:
-        keys = jax.random.split(key, 3) if key is not None else (None, None, None)
-        x_BxLxD = _sublayer(
-            self.cfg, self.attn_norm, x_BxLxD,
-            lambda h: self.attn(h, self_mask_BxLxL, positions_BxL, bias_BxHxLxL), keys[0],
-        )  # fmt: skip
-        x_BxLxD = _sublayer(
-            self.cfg, self.cross_norm, x_BxLxD,
-            lambda h: self.cross.cross(h, memory_BxSxD, cross_mask_BxLxS), keys[1],
-        )  # fmt: skip
-        x_BxLxD = _sublayer(self.cfg, self.mlp_norm, x_BxLxD, self.mlp, keys[2])
-        return constrain(x_BxLxD, ("batch", "length", "act_embed"))
-
-
-class T5(Seq2Seq, TokenEmbeddings, nnx.Module):
-    """Shared embedding, encoder and decoder stacks with relative position bias, logits."""
+class T5(EncoderDecoder):
+    """:class:`EncoderDecoder` with T5's parts: relative position bias per stack, final
+    norms followed by dropout, and the d_model^-0.5 rescale before a tied projection."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.position != "none":
             raise ValueError(f"T5 has no absolute positions: set model.position='none', got "
                              f"{cfg.position!r}")  # fmt: skip
-        self.cfg = cfg
-        self._init_embeddings(cfg, rngs)
+        if cfg.norm_position != "pre":
+            raise ValueError(f"T5 is pre-norm: set model.norm_position='pre', got "
+                             f"{cfg.norm_position!r}")  # fmt: skip
+        super().__init__(cfg, rngs)
         self.encoder_relative_bias = RelativeBias(cfg, bidirectional=True, rngs=rngs)
-        self.encoder = _stack(cfg, T5EncoderBlock, cfg.num_encoder_layers, rngs)
-        self.encoder_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
         self.decoder_relative_bias = RelativeBias(cfg, bidirectional=False, rngs=rngs)
-        self.decoder = _stack(cfg, T5DecoderBlock, cfg.num_layers, rngs)
-        self.decoder_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.dtype, rngs)
 
-    def encode(
-        self,
-        tokens_BxS: jax.Array,
-        segment_ids_BxS: jax.Array,
-        positions_BxS: jax.Array,
-        key: Any = None,
-    ) -> jax.Array:
-        """The encoder output ("memory") for packed sources."""
-        keys = jax.random.split(key, 3) if key is not None else (None, None, None)
-        x_BxSxD = self._embed(tokens_BxS, positions_BxS, keys[0])
-        mask_BxSxS = attention_mask(segment_ids_BxS, causal=False)
-        bias_BxHxSxS = self.encoder_relative_bias(positions_BxS, positions_BxS)
-        x_BxSxD = _scan(
-            self.cfg, self.encoder, x_BxSxD, keys[1],
-            lambda block, x, k: block(x, mask_BxSxS, positions_BxS, bias_BxHxSxS, k),
-        )  # fmt: skip
-        return dropout(self.encoder_norm(x_BxSxD), self.cfg.dropout, keys[2])
+    def _encoder_bias(self, positions_BxS: jax.Array) -> jax.Array:
+        return self.encoder_relative_bias(positions_BxS, positions_BxS)
 
-    def decode_train(
-        self,
-        memory_BxSxD: jax.Array,
-        encoder_segment_ids_BxS: jax.Array,
-        inputs_BxL: jax.Array,
-        segment_ids_BxL: jax.Array,
-        positions_BxL: jax.Array,
-        key: Any = None,
-    ) -> jax.Array:
-        """Float32 logits for every target position, teacher-forced on ``inputs``."""
-        cfg = self.cfg
-        keys = jax.random.split(key, 3) if key is not None else (None, None, None)
-        x_BxLxD = self._embed(inputs_BxL, positions_BxL, keys[0])
-        self_mask_BxLxL = attention_mask(segment_ids_BxL, causal=True, positions_BxL=positions_BxL)
-        cross_mask_BxLxS = attention_mask(
-            segment_ids_BxL, causal=False, key_segment_ids_BxS=encoder_segment_ids_BxS
-        )
-        bias_BxHxLxL = self.decoder_relative_bias(positions_BxL, positions_BxL)
-        x_BxLxD = _scan(
-            cfg, self.decoder, x_BxLxD, keys[1],
-            lambda block, x, k: block(
-                x, memory_BxSxD, self_mask_BxLxL, cross_mask_BxLxS, positions_BxL,
-                bias_BxHxLxL, k,
-            ),
-        )  # fmt: skip
-        x_BxLxD = dropout(self.decoder_norm(x_BxLxD), cfg.dropout, keys[2])
-        if cfg.tie_embeddings:  # T5 1.0: rescale before the tied projection (Mesh TF)
-            x_BxLxD = x_BxLxD * cfg.d_model**-0.5
+    def _decoder_bias(self, positions_BxL: jax.Array, key_positions_BxS: jax.Array) -> jax.Array:
+        return self.decoder_relative_bias(positions_BxL, key_positions_BxS)
+
+    def _finish(self, norm: Norm | None, x_BxLxD: jax.Array, key: Any) -> jax.Array:
+        return dropout(norm(x_BxLxD), self.cfg.dropout, key)
+
+    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        if self.cfg.tie_embeddings:  # T5 1.0: rescale before the tied projection (Mesh TF)
+            x_BxLxD = x_BxLxD * self.cfg.d_model**-0.5
         return self._output_logits(x_BxLxD)

@@ -49,8 +49,18 @@ DEFAULT_RULES: Rules = {
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor); ``shape`` must already cover the devices."""
+def make_mesh(
+    shape: Mapping[str, int],
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    dcn: Mapping[str, int] | None = None,
+) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor); ``shape`` must already cover the devices.
+
+    ``dcn`` (sizes per axis, dividing ``shape``) spreads those axes over slices, or over
+    processes where devices have no slices: each DCN group (a slice or a process) holds a
+    contiguous block of every axis, so only the DCN axes' collectives cross the slow network.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = tuple(int(shape[axis]) for axis in MESH_AXES)
     if math.prod(sizes) != len(devices):
@@ -58,6 +68,18 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
             f"mesh {dict(shape)} needs {math.prod(sizes)} devices, have {len(devices)}"
         )
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    dcn_sizes = tuple(int((dcn or {}).get(axis, 1)) for axis in MESH_AXES)
+    if math.prod(dcn_sizes) > 1:
+        from jax.experimental import mesh_utils
+
+        if any(size % d for size, d in zip(sizes, dcn_sizes, strict=True)):
+            raise ValueError(f"DCN sizes {dict(dcn or {})} do not divide mesh {dict(shape)}")
+        ici_sizes = tuple(size // d for size, d in zip(sizes, dcn_sizes, strict=True))
+        slices = {getattr(d, "slice_index", 0) for d in devices}
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici_sizes, dcn_sizes, devices, process_is_granule=len(slices) == 1
+        )
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     if devices == list(jax.devices()):
         return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)

@@ -19,11 +19,13 @@ from jax.sharding import Mesh
 import jaxformer
 from jaxformer import data as jdata
 from jaxformer import flops, hardware, parallel
-from jaxformer.config import ConfigError, validate
+from jaxformer.config import ConfigError, resolve_mesh, validate
+from jaxformer.parallel import distributed
 from jaxformer.train.checkpoint import Checkpointer, abstract_like
+from jaxformer.train.init_from import load_params
 from jaxformer.train.logs import RunLogger
 from jaxformer.train.optim import make_optimizer
-from jaxformer.train.step import TrainState, init_state, jit_steps
+from jaxformer.train.step import TrainState, head_metrics, init_state, jit_steps
 
 log = logging.getLogger("jaxformer")
 
@@ -69,8 +71,17 @@ def _dataset(cfg: ml_collections.ConfigDict, split: str, repeat: bool) -> Any:
             cfg.data, split=split, source_len=cfg.data.source_seq_len or cfg.data.seq_len,
             target_len=cfg.data.seq_len, **hosts,
         )  # fmt: skip
+    if cfg.model.num_labels > 0:  # BERT fine-tuning: one labelled example per row
+        return jdata.make_classification_dataset(
+            cfg.data, split=split, seq_len=cfg.data.seq_len, num_labels=cfg.model.num_labels,
+            **hosts,
+        )  # fmt: skip
     # BERT's [MASK] is the first id after the tokenizer's vocabulary.
     mask_id = jdata.build_tokenizer(cfg.data).vocab_size if cfg.model.family == "bert" else None
+    if cfg.data.nsp:  # BERT pre-training on sentence pairs: masked LM + next-sentence
+        return jdata.make_nsp_dataset(
+            cfg.data, split=split, seq_len=cfg.data.seq_len, mask_id=mask_id, **hosts
+        )
     return jdata.make_dataset(
         cfg.data, split=split, seq_len=cfg.data.seq_len, mlm_mask_id=mask_id, **hosts
     )
@@ -95,7 +106,9 @@ def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:
 def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None = None) -> Run:
     """Validates the config, builds the mesh and the state, and restores the latest checkpoint."""
     rules = parallel.DEFAULT_RULES if rules is None else rules
-    mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
+    distributed.initialize(cfg)  # before any other JAX use: a no-op for one process
+    mesh_shape = validate(cfg, jax.device_count(), jax.process_count(), distributed.num_slices())
+    _, dcn_shape = resolve_mesh(cfg.mesh, jax.device_count())
     tokenizer = jdata.build_tokenizer(cfg.data)
     # BERT's [MASK] and T5's 100 sentinels take the ids after the tokenizer's vocabulary.
     extra = {"bert": (1, " plus [MASK]"), "t5": (T5_SENTINELS, " plus 100 sentinels")}
@@ -108,15 +121,17 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
     # Open the data before compiling anything, so a missing dataset fails fast.
     train_data = _dataset(cfg, cfg.data.train_split, repeat=True)
     _dataset(cfg, cfg.data.eval_split, repeat=False)
-    mesh = parallel.make_mesh(mesh_shape)
+    mesh = parallel.make_mesh(mesh_shape, dcn=dcn_shape)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.check_shared_directory(run_dir)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(cfg.to_json(indent=2, sort_keys=True) + "\n")
         info = {
             "jaxformer": jaxformer.__version__,
             "jax": jax.__version__,
             "mesh": mesh_shape,
+            "mesh_dcn": dcn_shape,
             "batch": describe(cfg, mesh_shape),
         }
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -134,6 +149,8 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
     data_state = None
     if restored is not None:
         state, data_state = checkpointer.restore(restored, abstract_like(state, shardings))
+    elif cfg.train.init_from:  # a fresh run starting from another run's weights
+        state = load_params(cfg.train.init_from, state, shardings)
     return Run(
         cfg,
         mesh,
@@ -170,7 +187,7 @@ def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None 
         stats = run.eval_step(state, _global_batch(local, run.mesh))
         target_bytes += jdata.count_target_bytes(local, run.tokenizer)
         for k, v in jax.device_get(stats).items():
-            totals[k] += float(v)
+            totals[k] = totals.get(k, 0.0) + float(v)  # also sentence-level heads (NSP)
     weight = max(totals["weight"], 1.0)
     loss = totals["nll"] / weight
     out = {
@@ -179,17 +196,23 @@ def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None 
         "accuracy": totals["correct"] / weight,
         "tokens": totals["weight"],
     }
+    out |= {k: float(v) for k, v in head_metrics(totals).items()}
     if cfg.model.family == "encoder_decoder" and cfg.train.bleu_samples > 0:
         out["bleu"] = bleu(run, state, cfg.train.bleu_samples)
+    if jax.process_count() > 1:
+        # Bytes are counted on each process's rows; the loss is over all rows.
+        from jax.experimental import multihost_utils
+
+        target_bytes = int(np.sum(multihost_utils.process_allgather(np.int64(target_bytes))))
     if target_bytes:
-        # Bytes are counted on this process's rows; the loss is over all rows.
-        out["bits_per_byte"] = totals["nll"] / math.log(2) / (target_bytes * jax.process_count())
+        out["bits_per_byte"] = totals["nll"] / math.log(2) / target_bytes
     return out
 
 
 def bleu(run: Run, state: TrainState, samples: int) -> float:
-    """Corpus BLEU of greedy translations of the first ``samples`` held-out sources."""
-    from jaxformer.decode import translate_greedy
+    """Corpus BLEU of greedy translations (on the KV cache) of the first ``samples``
+    held-out sources."""
+    from jaxformer.decode import translate
 
     cfg, tokenizer = run.cfg, run.tokenizer
     source_len = cfg.data.source_seq_len or cfg.data.seq_len
@@ -210,7 +233,10 @@ def bleu(run: Run, state: TrainState, samples: int) -> float:
         # Generous cap: this task's targets are as long as their sources.
         steps = min(cfg.data.seq_len, max(len(r) for r in ids) + 8)
         with parallel.activate(run.mesh):
-            out = translate_greedy(model, sources, sources > 0, max_new_tokens=steps)
+            out = translate(
+                model, sources, sources > 0, max_new_tokens=steps,
+                start_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+            )  # fmt: skip
         hypotheses += jdata.decode_batch(np.asarray(out), tokenizer)[: len(chunk)]
     return jdata.corpus_bleu(hypotheses, [p["target"] for p in pairs])
 
@@ -243,7 +269,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         logger.info(f"resumed from checkpoint at step {start}")
 
     batches = iter(run.train_data)
-    if run.data_state is not None:
+    if run.data_state:  # empty in a checkpoint no batch was drawn for (tools/hf_convert.py)
         batches.set_state(run.data_state)
 
     last: dict[str, Any] = {}

@@ -24,8 +24,35 @@ STAT_KEYS = ("weight", "nll", "correct")
 MOE_STAT_KEYS = ("moe_aux_loss", "moe_z_loss", "moe_dropped_fraction")
 
 
-def _stat_keys(cfg: Any) -> tuple[str, ...]:
-    return STAT_KEYS + (MOE_STAT_KEYS if cfg.model.moe_experts > 0 else ())
+def _stat_keys(cfg: Any, batch: Batch) -> tuple[str, ...]:
+    heads = tuple(f"{h}_{k}" for h in head_names(batch) for k in STAT_KEYS)
+    return STAT_KEYS + (MOE_STAT_KEYS if cfg.model.moe_experts > 0 else ()) + heads
+
+
+def head_names(tree: dict[str, Any]) -> list[str]:
+    """Sentence-level heads named by a batch (``NAME_targets``) or by stats (``NAME_weight``)."""
+    return [k.rsplit("_", 1)[0] for k in tree if k.endswith(("_targets", "_weight"))]
+
+
+def head_stats(aux: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
+    """Summed statistics of each sentence-level head (BERT's NSP): ``aux["heads"][NAME]``
+    are ``[B, 1, C]`` logits scored against ``batch["NAME_targets"]`` and
+    ``batch["NAME_weights"]`` (``[B, 1]``); keys are ``NAME_weight``, ``NAME_nll``..."""
+    stats = {}
+    for name, logits_Bx1xC in aux.get("heads", {}).items():
+        _, head = cross_entropy(logits_Bx1xC, batch[f"{name}_targets"], batch[f"{name}_weights"])
+        stats |= {f"{name}_{k}": v for k, v in head.items()}
+    return stats
+
+
+def head_metrics(stats: dict[str, Any]) -> dict[str, Any]:
+    """``NAME_loss`` and ``NAME_accuracy`` of each head from summed statistics."""
+    out = {}
+    for name in head_names(stats):
+        weight = jnp.maximum(stats[f"{name}_weight"], 1.0)
+        out[f"{name}_loss"] = stats[f"{name}_nll"] / weight
+        out[f"{name}_accuracy"] = stats[f"{name}_correct"] / weight
+    return out
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -49,18 +76,33 @@ def init_state(
 
     Returns the model's graphdef, the state and the state's shardings.
     """
-    seed = cfg.train.seed
-
-    def build() -> TrainState:
-        params = nnx.state(build_model(cfg, seed))
-        rng = jax.random.key_data(jax.random.key(seed + 1))
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, seed)))
-    abstract = jax.eval_shape(build)
-    shardings = parallel.tree_shardings(abstract, mesh, rules)
-    state = jax.jit(build, out_shardings=shardings)()
+    graphdef, _, shardings = abstract_state(cfg, tx, mesh, rules)
+    state = jax.jit(functools.partial(_build_state, cfg, tx), out_shardings=shardings)()
     return graphdef, state, shardings
+
+
+def _build_state(cfg: Any, tx: optax.GradientTransformation) -> TrainState:
+    seed = cfg.train.seed
+    params = nnx.state(build_model(cfg, seed))
+    rng = jax.random.key_data(jax.random.key(seed + 1))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
+
+
+def abstract_state(
+    cfg: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: parallel.sharding.Rules
+) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """The train state as ``ShapeDtypeStruct``s carrying their shardings, allocating nothing:
+    what ``init_state`` would create, for lowering and compiling against (``jaxformer plan``).
+
+    Returns the model's graphdef, the abstract state and the state's shardings.
+    """
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed)))
+    shapes = jax.eval_shape(functools.partial(_build_state, cfg, tx))
+    shardings = parallel.tree_shardings(shapes, mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+    return graphdef, abstract, shardings
 
 
 def _loss_and_grads(
@@ -75,7 +117,13 @@ def _loss_and_grads(
             label_smoothing=cfg.train.label_smoothing,
             z_loss=cfg.train.z_loss,
         )
-        if aux:
+        stats |= head_stats(aux, batch)
+        for name in head_names(batch):
+            # Each head's mean, given the batch's token weight: the step's one division by
+            # the total weight then leaves the sum of means that BERT trains (MLM + NSP).
+            head_weight = jnp.maximum(stats[f"{name}_weight"], 1.0)
+            loss = loss + stats[f"{name}_nll"] / head_weight * stats["weight"]
+        if "aux_loss" in aux:
             # The loss is a token sum divided later by the total token weight: scaling the
             # (per-token mean) MoE terms by this batch's weight gives them their own weight.
             weight = stats["weight"]
@@ -116,7 +164,7 @@ def train_step(
             return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (jnp.zeros(()), {k: jnp.zeros(()) for k in _stat_keys(cfg)}, zeros)
+        init = (jnp.zeros(()), {k: jnp.zeros(()) for k in _stat_keys(cfg, batch)}, zeros)
         (loss_sum, stats, grads), _ = jax.lax.scan(
             accumulate, init, (_microbatched(batch, n), jnp.arange(n))
         )
@@ -135,15 +183,16 @@ def train_step(
     }
     if cfg.model.moe_experts > 0:
         metrics.update({name: stats[name] / weight for name in MOE_STAT_KEYS})
+    metrics.update(head_metrics(stats))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
     """Summed held-out statistics of one batch (no dropout, no smoothing)."""
-    logits, _ = nnx.merge(graphdef, state.params).apply_batch(batch)
+    logits, aux = nnx.merge(graphdef, state.params).apply_batch(batch)
     _, stats = cross_entropy(logits, batch["targets"], batch["weights"])
-    return stats
+    return stats | head_stats(aux, batch)
 
 
 def jit_steps(
