@@ -47,9 +47,9 @@ def get_config():
     t = c.train
     t.label_smoothing = 0.1
     t.global_batch = 32
-    t.steps = 1900
-    t.eval_every = 950
-    t.checkpoint_every = 950
+    t.steps = 1700
+    t.eval_every = 850
+    t.checkpoint_every = 850
     t.bleu_samples = 256
     t.run_dir = "runs/reverse_words"
     return c

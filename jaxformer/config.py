@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.steps = 300
     t.global_batch = 16
     t.microbatches = 1  # gradient accumulation: the global batch is split into this many
+    t.pipeline_schedule = "gpipe"  # gpipe | 1f1b, with mesh.stage > 1 (docs/parallelism.md)
     t.seed = 0
     t.label_smoothing = 0.0
     t.z_loss = 0.0
@@ -137,8 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = _section()
     # Devices per axis within a slice (TPU) or process (GPU, CPU): the fast ICI/NVLink links.
+    c.mesh.stage = 1  # pipeline stages: the scanned layers split into consecutive groups
     c.mesh.data = -1  # -1: whatever the other axes leave
     c.mesh.fsdp = 1
+    c.mesh.expert = 1  # MoE experts split over it; outside MoE layers it splits the batch
+    c.mesh.sequence = 1  # splits every row along its length (ring attention)
     c.mesh.tensor = 1
     # mesh.dcn_AXIS: how many slices (or processes) the axis spans over the slow data-center
     # network; each mesh axis is ICI size x DCN size. Keep DCN to data (or fsdp) parallelism.
@@ -172,9 +176,10 @@ _CHOICES = {
     "optimizer.name": ("adamw", "adafactor"),
     "optimizer.schedule": ("constant", "linear", "cosine", "wsd", "rsqrt"),
     "distributed.initialize": ("auto", "always", "never"),
+    "train.pipeline_schedule": ("gpipe", "1f1b"),
 }
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "sequence", "tensor")
 
 
 def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -381,6 +386,37 @@ def _validate_bert_task(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_pipeline(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> None:
+    """Pipeline parallelism (mesh.stage > 1) splits a decoder's scanned layers into equal
+    stages and runs train.microbatches through them (jaxformer/parallel/pipeline.py)."""
+    m, t, stages = cfg.model, cfg.train, mesh["stage"]
+    if stages == 1:
+        return
+    where = f"with mesh.stage x mesh.dcn_stage = {stages} pipeline stages"
+    if m.family != "decoder" or not m.scan_layers or m.moe_experts:
+        raise ConfigError(
+            f"config keys 'model.family' ({m.family!r}), 'model.scan_layers' "
+            f"({m.scan_layers}) and 'model.moe_experts' ({m.moe_experts}) {where}: "
+            "pipelining needs a dense decoder with scanned layers (family='decoder', "
+            "scan_layers=True, moe_experts=0); use mesh.stage=1 for the others"
+        )
+    if m.num_layers % stages:
+        raise ConfigError(
+            f"config key 'model.num_layers' ({m.num_layers}) must divide by the {stages} "
+            "pipeline stages (mesh.stage x mesh.dcn_stage)"
+        )
+    if mesh.get("sequence", 1) > 1:
+        raise ConfigError(
+            f"config key 'mesh.sequence' ({mesh['sequence']}) must be 1 {where}: ring "
+            "attention is not combined with pipelining yet"
+        )
+    if t.pipeline_schedule == "1f1b" and t.microbatches < stages:
+        raise ConfigError(
+            f"config key 'train.microbatches' ({t.microbatches}) must be at least the "
+            f"{stages} pipeline stages for train.pipeline_schedule='1f1b'"
+        )
+
+
 def validate(
     cfg: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, num_slices: int = 1
 ) -> dict[str, int]:
@@ -410,6 +446,7 @@ def validate(
             "with data.source_key and data.target_key), decoders on plain text"
         )
     _validate_bert_task(cfg)
+    _validate_pipeline(cfg, mesh)
     if cfg.data.source_seq_len > m.max_len:
         raise ConfigError(
             f"config key 'data.source_seq_len' ({cfg.data.source_seq_len}) is above the "
@@ -420,15 +457,27 @@ def validate(
             f"config key 'data.seq_len' ({cfg.data.seq_len}) is above the model's limit "
             f"model.max_len ({m.max_len})"
         )
+    if cfg.data.seq_len % mesh["sequence"]:
+        raise ConfigError(
+            f"config key 'data.seq_len' ({cfg.data.seq_len}) does not divide over the "
+            f"sequence axis (mesh.sequence x mesh.dcn_sequence = {mesh['sequence']} devices)"
+        )
     if m.position == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
         raise ConfigError("config key 'model.head_dim' must be even for RoPE")
-    batch_shards = mesh["data"] * mesh["fsdp"]
+    if m.moe_experts and m.moe_experts % mesh["expert"]:
+        raise ConfigError(
+            f"config key 'mesh.expert' ({mesh['expert']}) must divide model.moe_experts "
+            f"({m.moe_experts}): each device of the expert axis holds moe_experts / expert"
+        )
+    from jaxformer.parallel.sharding import batch_axes, batch_shards  # imports jax
+
+    shards, data_like = batch_shards(mesh), " x ".join(batch_axes())
     if t.microbatches < 1:
         raise ConfigError(f"config key 'train.microbatches' must be >= 1, got {t.microbatches}")
     for divisor, what in (
         (
-            batch_shards * t.microbatches,
-            f"data x fsdp = {batch_shards} devices times train.microbatches = {t.microbatches}",
+            shards * t.microbatches,
+            f"{data_like} = {shards} devices times train.microbatches = {t.microbatches}",
         ),
         (process_count, f"{process_count} processes"),
     ):

@@ -429,7 +429,7 @@ class Plan:
     def table(self) -> str:
         """The plan for a terminal."""
         devices = f"{self.num_devices} {self.platform} device(s)"
-        per_shard = self.global_batch // max(1, self.mesh.get("data", 1) * self.mesh.get("fsdp", 1))
+        per_shard = self.global_batch // max(1, parallel.batch_shards(self.mesh))
         lines = [
             f"mesh {self.mesh} over {devices}",
             f"global batch {self.global_batch} x {self.seq_len} tokens "

@@ -32,6 +32,18 @@ TINY_OVERRIDES: dict[str, Any] = {
     "mesh.data": 1,
 }
 
+# The same tiny decoder as command-line overrides of configs/default.py (for tests that go
+# through load_config or the CLI); test files add their run-specific flags.
+TINY_CLI: list[str] = [
+    "--config.model.d_model=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.d_ff=64",
+    "--config.model.max_len=32",
+    "--config.data.seq_len=32",
+    "--config.train.global_batch=8",
+]
+
 
 def _tiny_config(overrides: dict[str, Any] | None = None, *, base: bool = True) -> Any:
     """A checked, locked config: the schema, TINY_OVERRIDES (if ``base``), then ``overrides``.

@@ -6,6 +6,7 @@ import pytest
 
 from jaxformer import cli
 from jaxformer.config import (
+    MESH_AXES,
     ConfigError,
     apply_overrides,
     base_config,
@@ -13,6 +14,9 @@ from jaxformer.config import (
     resolve_mesh_shape,
     validate,
 )
+
+# Every mesh axis at size 1: expected shapes below name only the axes they set.
+ONES = dict.fromkeys(MESH_AXES, 1)
 
 
 @pytest.fixture
@@ -184,11 +188,11 @@ def test_bad_mesh_values(mesh, message):
 
 
 def test_minus_one_mesh_axis_fills_the_rest():
-    assert resolve_mesh_shape(_with({}).mesh, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert resolve_mesh_shape(_with({}).mesh, 8) == {**ONES, "data": 8}
     cfg = _with({"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2})
-    assert validate(cfg, num_devices=8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert validate(cfg, num_devices=8) == {**ONES, "data": 2, "fsdp": 2, "tensor": 2}
     cfg = _with({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": -1})
-    assert validate(cfg, num_devices=4) == {"data": 1, "fsdp": 1, "tensor": 4}
+    assert validate(cfg, num_devices=4) == {**ONES, "tensor": 4}
 
 
 def test_global_batch_must_divide_over_data_and_fsdp():
@@ -313,7 +317,7 @@ def test_shipped_configs_load_and_validate(repo_root, name):
     cfg = load_config(str(repo_root / "configs" / name))
     assert set(cfg.keys()) == set(base_config().keys())
     mesh = validate(cfg, num_devices=1)
-    assert mesh == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert mesh == ONES
     if name == "decoder_100m.py":
         assert cfg.model.d_model == 768 and cfg.model.num_layers == 14
         assert cfg.data.seq_len == 512

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_CLI
 from flax import nnx
 
 from jaxformer import cli, decode
@@ -264,13 +265,7 @@ def test_learned_positions_must_fit(make_config):
 # -- the command line ---------------------------------------------------------------------
 
 TINY = [
-    "--config.model.d_model=32",
-    "--config.model.num_layers=2",
-    "--config.model.num_heads=2",
-    "--config.model.d_ff=64",
-    "--config.model.max_len=32",
-    "--config.data.seq_len=32",
-    "--config.train.global_batch=8",
+    *TINY_CLI,
     "--config.train.eval_every=0",
     "--config.train.tensorboard=False",
 ]

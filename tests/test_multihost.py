@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CLI
 
 from jaxformer.config import ConfigError, base_config, check_schema, validate
 from jaxformer.parallel import distributed
@@ -29,14 +30,8 @@ RTOL = 1e-5
 TIMEOUT_S = 150  # per launch: a hung collective fails the test instead of hanging CI
 
 TINY = [
-    "--config.model.d_model=32",
-    "--config.model.num_layers=2",
-    "--config.model.num_heads=2",
-    "--config.model.d_ff=64",
-    "--config.model.max_len=32",
+    *TINY_CLI,
     "--config.model.dropout=0.1",
-    "--config.data.seq_len=32",
-    "--config.train.global_batch=8",
     "--config.train.log_every=1",
     "--config.train.eval_every=4",
     "--config.train.eval_batches=2",

@@ -45,8 +45,9 @@ RTOL = 1e-5
 
 
 def _mesh(shape):
+    """A mesh from (data, fsdp, tensor) sizes; the other axes have size 1."""
     return parallel.make_mesh(
-        dict(zip(MESH_AXES, shape, strict=True)), jax.devices()[: math.prod(shape)]
+        dict(zip(("data", "fsdp", "tensor"), shape, strict=True)), jax.devices()[: math.prod(shape)]
     )
 
 
@@ -286,7 +287,7 @@ def test_tree_shardings_replicates_kv_heads_that_do_not_divide(make_config):
 
 def test_make_mesh_checks_device_count():
     mesh = _mesh((2, 1, 4))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert dict(mesh.shape) == {**dict.fromkeys(MESH_AXES, 1), "data": 2, "tensor": 4}
     assert mesh.axis_names == MESH_AXES
     with pytest.raises(ValueError, match="needs 8 devices"):
         parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:4])

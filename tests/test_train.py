@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_CLI
 
 from jaxformer import cli
 from jaxformer import data as jdata
@@ -21,14 +22,8 @@ from jaxformer.train.loop import train
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY = [
-    "--config.model.d_model=32",
-    "--config.model.num_layers=2",
-    "--config.model.num_heads=2",
-    "--config.model.d_ff=64",
-    "--config.model.max_len=32",
+    *TINY_CLI,
     "--config.model.dropout=0.1",
-    "--config.data.seq_len=32",
-    "--config.train.global_batch=8",
     "--config.train.log_every=1",
     "--config.train.eval_every=0",
     "--config.train.checkpoint_every=3",

@@ -15,8 +15,9 @@ from jaxformer.model.layers import (
     MLP,
     Attention,
     Norm,
+    SegmentMask,
     TokenEmbeddings,
-    attention_mask,
+    cache_slots,
     dropout,
     stack_hidden,
 )
@@ -240,10 +241,10 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         if dropout_key is not None:
             embed_key, block_key = jax.random.split(dropout_key)
         x_BxLxD = self._embed(inputs_BxL, positions_BxL, embed_key)
-        mask_BxLxS = attention_mask(
-            segment_ids_BxL, causal=True, positions_BxL=positions_BxL,
-            window=self.cfg.sliding_window,
-        )  # fmt: skip
+        # Unbuilt, so that sequence parallelism can build it block by block.
+        mask_BxLxS = SegmentMask(
+            segment_ids_BxL, positions_BxL, causal=True, window=self.cfg.sliding_window
+        )
         x_BxLxD, aux, captured = self._run_blocks(
             x_BxLxD, mask_BxLxS, positions_BxL, block_key, capture
         )
@@ -293,12 +294,9 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         """
         cfg = self.cfg
         index = cache["index"]
-        seg_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxT, (0, index))
-        pos_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxT, (0, index))
-        mask_BxTxS = attention_mask(
-            segment_ids_BxT, causal=True, key_segment_ids_BxS=seg_BxS,
-            positions_BxL=positions_BxT, key_positions_BxS=pos_BxS, window=cfg.sliding_window,
-        )  # fmt: skip
+        seg_BxS, pos_BxS, mask_BxTxS = cache_slots(
+            cache, segment_ids_BxT, positions_BxT, cfg.sliding_window
+        )
         x_BxTxD = self._embed(inputs_BxT, positions_BxT, None)
 
         def step(block: Block, x: jax.Array, k: jax.Array, v: jax.Array) -> tuple:

@@ -23,6 +23,7 @@ from jaxformer.model.layers import (
     Norm,
     TokenEmbeddings,
     attention_mask,
+    cache_slots,
     dropout,
     segments_and_positions,
     stack_hidden,
@@ -403,12 +404,7 @@ class EncoderDecoder(TokenEmbeddings, nnx.Module):
         """Logits for T new target tokens given the cache (as ``DecoderLM.decode``): the
         same interface, so :mod:`jaxformer.decode` drives both families."""
         index = cache["index"]
-        seg_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxT, (0, index))
-        pos_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxT, (0, index))
-        self_mask_BxTxS = attention_mask(
-            segment_ids_BxT, causal=True, key_segment_ids_BxS=seg_BxS,
-            positions_BxL=positions_BxT, key_positions_BxS=pos_BxS,
-        )  # fmt: skip
+        seg_BxS, pos_BxS, self_mask_BxTxS = cache_slots(cache, segment_ids_BxT, positions_BxT)
         cross_mask_BxTxS = attention_mask(
             segment_ids_BxT, causal=False, key_segment_ids_BxS=cache["encoder_segment_ids"]
         )

@@ -11,11 +11,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.parallel import constrain
+from jaxformer.parallel import constrain, ring_attention, sequence_sharded
 
 Axes = tuple[str | None, ...]
 
@@ -151,6 +152,27 @@ def attention_mask(
     return mask_BxLxS
 
 
+@flax.struct.dataclass
+class SegmentMask:
+    """A self-attention mask not yet built: :func:`attention_mask`'s arguments.
+
+    Under sequence parallelism each device builds only the blocks it attends from the
+    segment ids and positions (ring attention), never the whole ``[B, L, L]`` mask;
+    every other path calls :meth:`dense`.
+    """
+
+    segment_ids_BxL: jax.Array
+    positions_BxL: jax.Array
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
+    window: int = flax.struct.field(pytree_node=False, default=0)
+
+    def dense(self) -> jax.Array:
+        return attention_mask(
+            self.segment_ids_BxL, self.causal, positions_BxL=self.positions_BxL,
+            window=self.window,
+        )  # fmt: skip
+
+
 def segments_and_positions(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """For one unpacked sequence per row with a padding mask (True for real tokens):
     segment id 1 for real tokens, 0 for padding, and positions counting real tokens
@@ -158,6 +180,25 @@ def segments_and_positions(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     mask_BxL = mask_BxL.astype(jnp.int32)
     positions_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0) * mask_BxL
     return mask_BxL, positions_BxL.astype(jnp.int32)
+
+
+def cache_slots(
+    cache: dict[str, jax.Array],
+    segment_ids_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    window: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes T new tokens' segment ids and positions into a decoding cache's slots
+    ``[index, index + T)``; returns every slot's (segment ids, positions) and the causal
+    mask of the new tokens over the slots (padding and other documents never visible)."""
+    index = cache["index"]
+    seg_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxT, (0, index))
+    pos_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxT, (0, index))
+    mask_BxTxS = attention_mask(
+        segment_ids_BxT, causal=True, key_segment_ids_BxS=seg_BxS,
+        positions_BxL=positions_BxT, key_positions_BxS=pos_BxS, window=window,
+    )  # fmt: skip
+    return seg_BxS, pos_BxS, mask_BxTxS
 
 
 def alibi_slopes(num_heads: int) -> jax.Array:
@@ -183,7 +224,7 @@ def dot_product_attention(
     q_BxLxHxDh: jax.Array,
     k_BxSxKxDh: jax.Array,
     v_BxSxKxDh: jax.Array,
-    mask_BxLxS: jax.Array,
+    mask_BxLxS: jax.Array | SegmentMask,
     bias_BxHxLxS: jax.Array | None,
     *,
     implementation: str,
@@ -196,7 +237,17 @@ def dot_product_attention(
     ``jax.nn.dot_product_attention``, which picks cuDNN's fused kernel on GPUs when the
     shapes allow and XLA elsewhere. ``return_probs`` (introspection) also returns the
     float32 probabilities ``[B, H, L, S]``, which only the einsum path materialises.
+    A :class:`SegmentMask` whose length the active mesh splits runs ring attention
+    (jaxformer.parallel.ring_attention) instead.
     """
+    if isinstance(mask_BxLxS, SegmentMask):
+        if not return_probs and sequence_sharded(q_BxLxHxDh.shape[1]):
+            return ring_attention(
+                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS.segment_ids_BxL,
+                mask_BxLxS.positions_BxL, bias_BxHxLxS, causal=mask_BxLxS.causal,
+                window=mask_BxLxS.window, scale=scale,
+            )  # fmt: skip
+        mask_BxLxS = mask_BxLxS.dense()
     b, length, h, dh = q_BxLxHxDh.shape
     kv = k_BxSxKxDh.shape[2]
     if implementation == "dot_product" and not return_probs:

@@ -19,8 +19,14 @@ Design:
 * Steps: ``route`` (router, top-k, slot positions), ``dispatch`` (scatter tokens into
   the [G, E, C, D] expert buffer), ``experts`` (per-expert MLP on that buffer) and
   ``combine`` (gather results back, weighted by the gates). Only index tensors of size
-  G x S x K are built, no G x S x E x C one-hot. The [G, E, C, D] buffers between the
-  steps are where expert parallelism will put its all-to-all.
+  G x S x K are built, no G x S x E x C one-hot.
+* Expert parallelism: only logical names. Groups are laid out like the batch
+  (``batch``), so routing, dispatch and combine stay on the device holding the group's
+  tokens; the [G, E, C, D] buffers the experts read and write are laid out by expert
+  (``dispatch_batch``, ``expert``), where the expert weights are. The rules table maps
+  those names onto the mesh (the ``expert`` axis is in ``batch`` but not in
+  ``dispatch_batch``), so the partitioner moves each buffer between the two layouts with
+  one all-to-all each way: two per layer forward, two backward.
 * Auxiliary losses (already multiplied by their config weights):
   ``aux_loss = moe_aux_loss * E * sum_i f_i P_i`` (Switch load balancing), with f_i the
   fraction of the group's top-k assignments (before capacity) that chose expert i
@@ -61,6 +67,24 @@ class Routing(NamedTuple):
 def capacity(tokens: int, num_experts: int, top_k: int, factor: float) -> int:
     """Slots per expert for a group of ``tokens``: ceil(factor * tokens * k / E), <= tokens."""
     return max(1, min(tokens, math.ceil(factor * tokens * top_k / num_experts)))
+
+
+def _top_k(probs_GxSxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k`` over experts as k argmax passes (the same ties: lowest index first).
+
+    The SPMD partitioner cannot split XLA's TopK by rows: it all-gathers the router
+    probabilities of every group and routes them all on every device. Argmax and
+    elementwise ops keep each device on its own groups.
+    """
+    values, indices = [], []
+    remaining_GxSxE = probs_GxSxE
+    for _ in range(k):
+        best_GxS = jnp.argmax(remaining_GxSxE, axis=-1)
+        onehot_GxSxE = jax.nn.one_hot(best_GxS, probs_GxSxE.shape[-1], dtype=jnp.bool_)
+        values.append(jnp.where(onehot_GxSxE, probs_GxSxE, 0.0).sum(-1))
+        indices.append(best_GxS.astype(jnp.int32))
+        remaining_GxSxE = jnp.where(onehot_GxSxE, -jnp.inf, remaining_GxSxE)
+    return jnp.stack(values, -1), jnp.stack(indices, -1)
 
 
 class ExpertDense(nnx.Module):
@@ -112,8 +136,10 @@ class MoEMLP(nnx.Module):
         self.aux_weight, self.z_weight = cfg.moe_aux_loss, cfg.moe_z_loss
         self.dtype = cfg.dtype
         # The router stays in float32: top-k choices are sensitive to small logit changes.
+        # Its expert dimension is not split over the experts' devices: every device routes
+        # its own tokens to all E experts before any exchange.
         self.router = Dense(
-            (d,), (e,), ("embed", "expert"), use_bias=False, init_std=cfg.init_std,
+            (d,), (e,), ("embed", None), use_bias=False, init_std=cfg.init_std,
             dtype=jnp.float32, param_dtype=cfg.param_dtype, rngs=rngs,
         )  # fmt: skip
         common = dict(
@@ -138,7 +164,7 @@ class MoEMLP(nnx.Module):
         e, k = self.num_experts, self.top_k
         logits_GxSxE = self.router(x_GxSxD.astype(jnp.float32))
         probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
-        gates_GxSxK, experts_GxSxK = jax.lax.top_k(probs_GxSxE, k)
+        gates_GxSxK, experts_GxSxK = _top_k(probs_GxSxE, k)
         if k > 1:
             gates_GxSxK = gates_GxSxK / gates_GxSxK.sum(-1, keepdims=True)
         # Priority order: all first choices (by position), then all second choices, ...
@@ -171,19 +197,25 @@ class MoEMLP(nnx.Module):
 
         expert_in_GxECxD = jax.vmap(one_group)(x_GxSxD, self._slots(routing))
         expert_in_GxExCxD = expert_in_GxECxD.reshape(g, e, cap, d)
-        return constrain(expert_in_GxExCxD, ("batch", "expert", None, "act_embed"))
+        # Built where the group's tokens are (groups split over every batch axis); the
+        # constraint moves each expert's slots to the devices holding that expert (its
+        # groups now split over the batch axes less the expert one): one all-to-all.
+        expert_in_GxExCxD = constrain(expert_in_GxExCxD, ("batch", None, None, "act_embed"))
+        return constrain(expert_in_GxExCxD, ("dispatch_batch", "expert", None, "act_embed"))
 
     def experts(self, x_GxExCxD: jax.Array) -> jax.Array:
         """Every expert's MLP on its own slots."""
         gate_GxExCxF = self.gate(x_GxExCxD) if self.gate is not None else None
         h_GxExCxF = mlp_activation(self.kind, self.up(x_GxExCxD), gate_GxExCxF)
-        h_GxExCxF = constrain(h_GxExCxF, ("batch", "expert", None, "act_mlp"))
+        h_GxExCxF = constrain(h_GxExCxF, ("dispatch_batch", "expert", None, "act_mlp"))
         out_GxExCxD = self.down(h_GxExCxF)
-        return constrain(out_GxExCxD, ("batch", "expert", None, "act_embed"))
+        return constrain(out_GxExCxD, ("dispatch_batch", "expert", None, "act_embed"))
 
     def combine(self, out_GxExCxD: jax.Array, routing: Routing) -> jax.Array:
         """Gathers each token's k expert outputs and sums them weighted by the gates."""
         g, e, cap, d = out_GxExCxD.shape
+        # The all-to-all back: every expert's slots of a group return to the group's device.
+        out_GxExCxD = constrain(out_GxExCxD, ("batch", None, None, "act_embed"))
         out_GxECxD = out_GxExCxD.reshape(g, e * cap, d)
 
         def one_group(out_ECxD: jax.Array, slot_SxK: jax.Array) -> jax.Array:

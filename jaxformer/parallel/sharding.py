@@ -25,7 +25,8 @@ Rules = Mapping[str, MeshAxes]
 # Activations shard the batch over every data-like axis and keep ``act_embed`` whole.
 DEFAULT_RULES: Rules = {
     # parameters
-    "layers": None,
+    # Pipeline parallelism: a stage holds num_layers / stage consecutive scanned layers.
+    "layers": "stage",
     "vocab": "tensor",
     "embed": "fsdp",
     "mlp": "tensor",
@@ -33,12 +34,17 @@ DEFAULT_RULES: Rules = {
     "kv_heads": "tensor",
     "head_dim": None,
     "positions": None,
-    # MoE experts (parameters and the expert axis of dispatched activations): replicated
-    # for now; expert parallelism maps this onto a mesh axis.
-    "expert": None,
+    # MoE experts (parameters and the expert axis of dispatched activations): expert
+    # parallelism. Outside the MoE layer the expert axis splits the batch like data does.
+    "expert": "expert",
     # activations
-    "batch": ("data", "fsdp"),
-    "length": None,
+    "batch": ("data", "fsdp", "expert"),
+    # The group axis of MoE buffers dispatched to their experts: the batch less the expert
+    # axis, which their expert dimension takes (the move between the two is an all-to-all).
+    "dispatch_batch": ("data", "fsdp"),
+    # Sequence (context) parallelism: activations split along their length; attention
+    # passes K/V blocks around the ring (jaxformer/parallel/ring_attention.py).
+    "length": "sequence",
     "act_embed": None,
     "act_mlp": "tensor",
     "act_heads": "tensor",
@@ -46,7 +52,7 @@ DEFAULT_RULES: Rules = {
     "act_vocab": "tensor",
 }
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "sequence", "tensor")
 
 
 def make_mesh(
@@ -55,14 +61,15 @@ def make_mesh(
     *,
     dcn: Mapping[str, int] | None = None,
 ) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor); ``shape`` must already cover the devices.
+    """A mesh with axes ``MESH_AXES`` (an axis ``shape`` omits has size 1); ``shape`` must
+    already cover the devices.
 
     ``dcn`` (sizes per axis, dividing ``shape``) spreads those axes over slices, or over
     processes where devices have no slices: each DCN group (a slice or a process) holds a
     contiguous block of every axis, so only the DCN axes' collectives cross the slow network.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = tuple(int(shape[axis]) for axis in MESH_AXES)
+    sizes = tuple(int(shape.get(axis, 1)) for axis in MESH_AXES)  # absent axes: size 1
     if math.prod(sizes) != len(devices):
         raise ValueError(
             f"mesh {dict(shape)} needs {math.prod(sizes)} devices, have {len(devices)}"
@@ -144,6 +151,18 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
     """Layout of an input batch: the leading axis over the data-like mesh axes."""
     return logical_to_sharding(("batch",) + (None,) * (ndim - 1), None, mesh, rules)
+
+
+def batch_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The data-like mesh axes, those the ``batch`` rule splits the batch over: what the
+    global batch must divide by, and what batch arithmetic (per-shard rows) counts."""
+    axes = rules.get("batch")
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_shards(mesh_shape: Mapping[str, int], rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways the batch is split: the product of the data-like axes' sizes."""
+    return math.prod(int(mesh_shape.get(axis, 1)) for axis in batch_axes(rules))
 
 
 def _is_variable(x: object) -> bool:

@@ -90,14 +90,15 @@ def _dataset(cfg: ml_collections.ConfigDict, split: str, repeat: bool) -> Any:
 def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:
     """The batch arithmetic printed at start and stored with the run."""
     t = cfg.train
-    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    batch_shards = parallel.batch_shards(mesh_shape)
     per_shard = t.global_batch // batch_shards
     tokens = t.global_batch * cfg.data.seq_len
     return (
         f"mesh {mesh_shape} over {jax.device_count()} {jax.devices()[0].platform} devices "
         f"in {jax.process_count()} process(es)\n"
         f"global batch {t.global_batch} sequences x {cfg.data.seq_len} tokens = {tokens:,} "
-        f"tokens/step; {batch_shards} batch shards (data x fsdp) of {per_shard} sequences, "
+        f"tokens/step; {batch_shards} batch shards ({' x '.join(parallel.batch_axes())}) "
+        f"of {per_shard} sequences, "
         f"{t.microbatches} microbatch(es) of {per_shard // t.microbatches} per shard; "
         f"{t.global_batch // jax.process_count()} sequences loaded per process"
     )
@@ -174,7 +175,9 @@ def _global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arr
 
 
 def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None = None) -> dict:
-    """Held-out loss, perplexity, accuracy and (byte tokenizer) bits per byte."""
+    """Held-out loss, perplexity, accuracy, (byte tokenizer) bits per byte and, for an
+    encoder-decoder after step 0, BLEU (at step 0 every row would decode to the length cap
+    for a BLEU of 0)."""
     cfg = run.cfg
     state = run.state if state is None else state
     max_batches = cfg.train.eval_batches if max_batches is None else max_batches
@@ -197,7 +200,7 @@ def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None 
         "tokens": totals["weight"],
     }
     out |= {k: float(v) for k, v in head_metrics(totals).items()}
-    if cfg.model.family == "encoder_decoder" and cfg.train.bleu_samples > 0:
+    if cfg.model.family == "encoder_decoder" and cfg.train.bleu_samples > 0 and int(state.step):
         out["bleu"] = bleu(run, state, cfg.train.bleu_samples)
     if jax.process_count() > 1:
         # Bytes are counted on each process's rows; the loss is over all rows.

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from jaxformer import model as model_lib
 from jaxformer import parallel
+from jaxformer.parallel import pipeline
 from jaxformer.train.loss import cross_entropy
 from jaxformer.train.optim import make_schedule
 
@@ -105,18 +106,25 @@ def abstract_state(
     return graphdef, abstract, shardings
 
 
+def _token_loss(
+    cfg: Any, logits: jax.Array, batch: Batch
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The summed token loss and statistics of a batch's logits (label smoothing, z-loss)."""
+    return cross_entropy(
+        logits,
+        batch["targets"],
+        batch["weights"],
+        label_smoothing=cfg.train.label_smoothing,
+        z_loss=cfg.train.z_loss,
+    )
+
+
 def _loss_and_grads(
     graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None, cfg: Any
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
     def loss_fn(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits, aux = nnx.merge(graphdef, p).apply_batch(batch, key)
-        loss, stats = cross_entropy(
-            logits,
-            batch["targets"],
-            batch["weights"],
-            label_smoothing=cfg.train.label_smoothing,
-            z_loss=cfg.train.z_loss,
-        )
+        loss, stats = _token_loss(cfg, logits, batch)
         stats |= head_stats(aux, batch)
         for name in head_names(batch):
             # Each head's mean, given the batch's token weight: the step's one division by
@@ -153,7 +161,12 @@ def train_step(
     if cfg.model.dropout > 0:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     n = cfg.train.microbatches
-    if n == 1:
+    if pipeline.stages() > 1:  # the pipeline runs the microbatches and computes gradients
+        (loss_sum, stats), grads = pipeline.loss_and_grads(
+            graphdef, state.params, _microbatched(batch, n), key, cfg,
+            functools.partial(_token_loss, cfg),
+        )  # fmt: skip
+    elif n == 1:
         (loss_sum, stats), grads = _loss_and_grads(graphdef, state.params, batch, key, cfg)
     else:
 
