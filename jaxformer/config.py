@@ -410,6 +410,14 @@ def _validate_pipeline(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
             f"config key 'mesh.sequence' ({mesh['sequence']}) must be 1 {where}: ring "
             "attention is not combined with pipelining yet"
         )
+    if mesh.get("fsdp", 1) > 1 and mesh.get("tensor", 1) > 1:
+        # XLA (jax 0.10.2) aborts partitioning a gather inside the stage shard_map when both
+        # axes shard it (spmd_partitioner_util.cc: ExpandDeviceGroupsWithIota check).
+        raise ConfigError(
+            f"config keys 'mesh.fsdp' ({mesh['fsdp']}) and 'mesh.tensor' ({mesh['tensor']}) "
+            f"{where}: pipelining composes with either axis, not both at once yet (XLA's "
+            "partitioner aborts on that layout)"
+        )
     if t.pipeline_schedule == "1f1b" and t.microbatches < stages:
         raise ConfigError(
             f"config key 'train.microbatches' ({t.microbatches}) must be at least the "

@@ -66,32 +66,37 @@ def reference(make_config, make_batch):
 
 
 @pytest.mark.parametrize(
-    "stages,schedule,microbatches,data",
+    "stages,schedule,microbatches,axes",
     [
-        (2, "gpipe", 4, 1),
-        (2, "gpipe", 8, 1),
-        (2, "1f1b", 4, 1),
-        (2, "1f1b", 8, 1),
-        (4, "gpipe", 4, 1),
-        (4, "gpipe", 8, 1),
-        (4, "1f1b", 4, 1),
-        (4, "1f1b", 8, 1),
-        (2, "gpipe", 4, 2),
-        (2, "1f1b", 4, 2),
+        (2, "gpipe", 4, {}),
+        (2, "gpipe", 8, {}),
+        (2, "1f1b", 4, {}),
+        (2, "1f1b", 8, {}),
+        (4, "gpipe", 4, {}),
+        (4, "gpipe", 8, {}),
+        (4, "1f1b", 4, {}),
+        (4, "1f1b", 8, {}),
+        (2, "gpipe", 4, {"data": 2}),
+        (2, "1f1b", 4, {"data": 2}),
+        # The other axes inside each stage, left to the partitioner: FSDP and tensor.
+        (2, "gpipe", 4, {"fsdp": 2}),
+        (2, "1f1b", 4, {"fsdp": 2}),
+        (2, "gpipe", 4, {"tensor": 2}),
+        (2, "1f1b", 4, {"tensor": 2}),
     ],
 )
-def test_pipeline_matches_unpipelined(make_config, reference, stages, schedule, microbatches, data):
+def test_pipeline_matches_unpipelined(make_config, reference, stages, schedule, microbatches, axes):
     graphdef, params, batch, ref_loss, ref_stats, ref_grads = reference
     cfg = make_config(
         {
             **OVERRIDES,
             "mesh.stage": stages,
-            "mesh.data": data,
+            **{f"mesh.{axis}": size for axis, size in axes.items()},
             "train.microbatches": microbatches,
             "train.pipeline_schedule": schedule,
         }
     )
-    shape = validate(cfg, stages * data)
+    shape = validate(cfg, stages * math.prod(axes.values()))
     mesh = parallel.make_mesh(shape, jax.devices()[: math.prod(shape.values())])
     params = jax.device_put(params, parallel.tree_shardings(params, mesh))
     kernel = params["blocks"]["attn"]["q"]["kernel"].get_value()
@@ -149,6 +154,13 @@ def test_pipeline_config_errors(make_config, overrides, key):
     cfg = make_config({**OVERRIDES, "mesh.stage": 2, **overrides})
     with pytest.raises(ConfigError, match=key):
         validate(cfg, 2)
+
+
+def test_pipeline_with_fsdp_and_tensor_is_refused(make_config):
+    """Each composes with stages (above); both at once would abort inside XLA."""
+    cfg = make_config({**OVERRIDES, "mesh.stage": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    with pytest.raises(ConfigError, match="mesh.tensor"):
+        validate(cfg, 8)
 
 
 def test_pipeline_rejects_other_families(make_config):
