@@ -77,6 +77,8 @@ def count(model_cfg: Any, seq_len: int) -> FlopCount:
         embedding += types
         params += types + 2 * d + (d * d + d) + (2 * d + 2) + (d * d + d + 2 * d + v)
         matmul += d * d  # the MLM head's dense layer, per token
+        labels = getattr(m, "num_labels", 0)
+        params += labels * d + labels  # a sequence classifier (fine-tuning), if any
     if family == "t5":
         params += 2 * m.relative_buckets * heads  # one bias table per stack
     if family in ("encoder_decoder", "t5"):

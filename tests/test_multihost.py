@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CLI
 
-from jaxformer.config import ConfigError, base_config, check_schema, validate
+from jaxformer.config import MESH_AXES, ConfigError, base_config, check_schema, validate
 from jaxformer.parallel import distributed
 from jaxformer.train.logs import read_metrics
 
@@ -43,6 +43,7 @@ TINY = [
 ]
 # Four devices either way: fsdp 4 in one process, or fsdp 2 per process x 2 processes
 # over "DCN", which shards every parameter across both processes.
+ONES = dict.fromkeys(MESH_AXES, 1)
 ONE_PROCESS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=4"]
 TWO_PROCESS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.dcn_fsdp=2"]
 
@@ -116,8 +117,8 @@ def test_two_processes_train_like_one_and_checkpoint_restores_in_one(tmp_path: P
     assert "4 cpu devices in 2 process(es)" in out
     assert "4 sequences loaded per process" in out
     info = json.loads((two / "run_info.json").read_text())
-    assert info["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
-    assert info["mesh_dcn"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert info["mesh"] == {**ONES, "fsdp": 4}
+    assert info["mesh_dcn"] == {**ONES, "fsdp": 2}
 
     reference = _metric(one, "train")
     two_train = _metric(two, "train")
@@ -204,9 +205,9 @@ def _mesh_config(**mesh: int):
 def test_dcn_sizes_multiply_with_ici_sizes() -> None:
     # 2 processes x 4 devices: data 4 within each, 2 across.
     cfg = _mesh_config(data=-1, dcn_data=2)
-    assert validate(cfg, num_devices=8, process_count=2) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert validate(cfg, num_devices=8, process_count=2) == {**ONES, "data": 8}
     cfg = _mesh_config(data=1, fsdp=-1, dcn_data=2)
-    assert validate(cfg, num_devices=8, process_count=2) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert validate(cfg, num_devices=8, process_count=2) == {**ONES, "data": 2, "fsdp": 4}
     # 4 TPU slices of 16 chips, 4 hosts each: DCN spans the slices, not the processes.
     cfg = _mesh_config(data=1, fsdp=16, dcn_data=4)
     assert validate(cfg, 64, process_count=16, num_slices=4)["fsdp"] == 16
