@@ -15,10 +15,10 @@ from jaxformer.model.layers import (
     MLP,
     Attention,
     Norm,
-    SegmentMask,
     TokenEmbeddings,
     cache_slots,
     dropout,
+    self_attention_mask,
     stack_hidden,
 )
 from jaxformer.model.moe import MoEMLP, reduce_layers
@@ -241,8 +241,7 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         if dropout_key is not None:
             embed_key, block_key = jax.random.split(dropout_key)
         x_BxLxD = self._embed(inputs_BxL, positions_BxL, embed_key)
-        # Unbuilt, so that sequence parallelism can build it block by block.
-        mask_BxLxS = SegmentMask(
+        mask_BxLxS = self_attention_mask(
             segment_ids_BxL, positions_BxL, causal=True, window=self.cfg.sliding_window
         )
         x_BxLxD, aux, captured = self._run_blocks(

@@ -173,6 +173,15 @@ class SegmentMask:
         )  # fmt: skip
 
 
+def self_attention_mask(
+    segment_ids_BxL: jax.Array, positions_BxL: jax.Array, causal: bool, window: int = 0
+) -> jax.Array | SegmentMask:
+    """The mask a stack's layers share, built once outside the layer loop; left unbuilt
+    (a :class:`SegmentMask`) only when sequence parallelism will build it block by block."""
+    mask = SegmentMask(segment_ids_BxL, positions_BxL, causal=causal, window=window)
+    return mask if sequence_sharded(segment_ids_BxL.shape[1]) else mask.dense()
+
+
 def segments_and_positions(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """For one unpacked sequence per row with a padding mask (True for real tokens):
     segment id 1 for real tokens, 0 for padding, and positions counting real tokens
