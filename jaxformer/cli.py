@@ -4,6 +4,11 @@ jaxformer train --config=configs/default.py --config.optimizer.lr=1e-3
 jaxformer eval --config=configs/default.py
 jaxformer generate --config=configs/default.py --prompt="def " --temperature=0.8
 jaxformer plan --config=configs/default.py --devices=8 --config.mesh.fsdp=8
+jaxformer checkpoints list runs/default
+jaxformer sweep plan --spec=configs/sweeps/NAME.py --out=sweeps/NAME
+
+Exit codes: 0 done, 2 bad config/data/checkpoint, 3 too many bad steps in a row,
+75 preempted (a checkpoint was saved at the last step: run the same command again).
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ from typing import Any
 
 from jaxformer.config import ConfigError, load_config
 from jaxformer.data.errors import DataError
+from jaxformer.train.errors import (
+    EXIT_BAD_STEPS,
+    EXIT_PREEMPTED,
+    BadSteps,
+    CheckpointError,
+    Preempted,
+)
 
 log = logging.getLogger("jaxformer")
 
@@ -59,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         help="plan for N simulated CPU devices (default: the devices present)",
     )  # fmt: skip
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    from jaxformer.scaling import cli as sweep_cli
+    from jaxformer.train import checkpoints_cli
+
+    sweep_cli.add_parser(sub)
+    checkpoints_cli.add_parser(sub)
     return parser
 
 
@@ -123,6 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args, rest = _parser().parse_known_args(argv)
     try:
+        if args.command in ("sweep", "checkpoints"):
+            from jaxformer.scaling import cli as sweep_cli
+            from jaxformer.train import checkpoints_cli
+
+            module = sweep_cli if args.command == "sweep" else checkpoints_cli
+            return module.main(args, rest)
         if args.command == "plan" and args.devices:
             from jaxformer.plan import use_host_devices
 
@@ -153,6 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:
         print(f"jaxformer: data error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"jaxformer: checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except Preempted as err:
+        print(f"jaxformer: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except BadSteps as err:
+        print(f"jaxformer: training stopped: {err}", file=sys.stderr)
+        return EXIT_BAD_STEPS
     return 0
 
 

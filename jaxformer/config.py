@@ -134,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.run_dir = "runs/default"
     t.init_from = ""  # run dir whose latest checkpoint's weights start a fresh run (fine-tuning)
     t.async_checkpoints = True
+    # Bad steps (train/guard.py, docs/reliability.md): a step with a NaN/Inf loss or
+    # gradient is skipped; this many skipped in a row stop the run (0: never stop).
+    t.max_bad_steps = 10
+    t.spike_sigma = 0.0  # also skip losses this many std devs above the running mean; 0: off
+    t.spike_warmup = 100  # steps of loss statistics before the spike guard acts
     t.tensorboard = True
 
     c.mesh = _section()

@@ -621,13 +621,15 @@ def restore_model(cfg: Any, rules: Any = None) -> tuple[Any, int, Any]:
         directory, keep=cfg.train.keep_checkpoints, every=0, use_async=False
     )
     try:
-        step = checkpointer.latest_step()
-        if step is None:
+        if checkpointer.latest_step() is None:
             raise missing
         mesh = parallel.make_mesh(mesh_shape)
         tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
         graphdef, state, shardings = init_state(cfg, tx, mesh, rules)
-        state, _ = checkpointer.restore(step, abstract_like(state, shardings))
+        restored = checkpointer.restore_latest(abstract_like(state, shardings))
+        if restored is None:
+            raise missing
+        state, step = restored.state, restored.step
     finally:
         checkpointer.close()
     return nnx.merge(graphdef, state.params), step, mesh

@@ -392,7 +392,7 @@ class Plan:
     params: int  # parameters in the model (all devices)
     param_bytes: int  # per device, from the shardings
     opt_state_bytes: int  # per device
-    other_state_bytes: int  # per device: step counter and RNG key
+    other_state_bytes: int  # per device: step counter, RNG key, bad-step guard
     batch_bytes: int  # per device
     memory: dict[str, int]  # per device, the compiled step's memory_analysis (MEMORY_FIELDS)
     collectives: list[Collective]
@@ -442,7 +442,7 @@ class Plan:
         rows = [
             ("parameters", self.param_bytes, "shards of the parameters"),
             ("optimizer state", self.opt_state_bytes, "shards of the optimizer state"),
-            ("step and RNG", self.other_state_bytes, ""),
+            ("step, RNG, guard", self.other_state_bytes, ""),
             ("batch", self.batch_bytes, "this device's rows"),
             ("arguments", self.memory["argument"], "compiled: state + batch"),
             ("outputs", self.memory["output"], "compiled: new state + metrics"),
@@ -520,7 +520,7 @@ def plan(
         params=global_size(nnx.state(state.params, nnx.Param)),
         param_bytes=shard_bytes(state.params),
         opt_state_bytes=shard_bytes(state.opt_state),
-        other_state_bytes=shard_bytes((state.step, state.rng)),
+        other_state_bytes=shard_bytes((state.step, state.rng, state.guard)),
         batch_bytes=shard_bytes(batch),
         memory=memory,
         collectives=found,

@@ -68,8 +68,10 @@ pids=()
 stop_all() {
   for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
 }
+# SIGTERM (a scheduler's preemption notice) is passed on: every process saves a checkpoint
+# at the same step and exits with 75, which this script then returns.
 trap 'stop_all; exit 130' INT
-trap 'stop_all; exit 143' TERM
+trap 'stop_all' TERM
 
 for ((i = 0; i < processes; i++)); do
   if [ -n "$gpus_per_process" ]; then
@@ -85,12 +87,14 @@ done
 # The first process to fail stops the rest: a lone survivor would wait in a collective.
 # (Polling rather than `wait -n`, which macOS's bash 3.2 lacks.)
 running=("${pids[@]}")
+preempted=0
 while [ ${#running[@]} -gt 0 ]; do
   still=()
   for pid in "${running[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
     status=0
     wait "$pid" || status=$?
+    if [ "$status" -eq 75 ]; then preempted=1; continue; fi  # the others are saving too
     if [ "$status" -ne 0 ]; then
       echo "launch/local.sh: process $pid exited with status $status; stopping the others" >&2
       stop_all
@@ -101,3 +105,4 @@ while [ ${#running[@]} -gt 0 ]; do
   running=(${still[@]+"${still[@]}"})
   if [ ${#running[@]} -gt 0 ]; then sleep 1; fi
 done
+if [ "$preempted" -eq 1 ]; then exit 75; fi

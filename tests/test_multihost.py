@@ -226,3 +226,45 @@ def test_dcn_sizes_multiply_with_ici_sizes() -> None:
 def test_bad_dcn_sizes_name_the_keys(mesh, devices, processes, slices, match) -> None:
     with pytest.raises(ConfigError, match=match):
         validate(_mesh_config(**mesh), devices, process_count=processes, num_slices=slices)
+
+
+def _child_with_process_id(launcher_pid: int, process_id: int) -> int:
+    """The pid of the ``jaxformer train`` child of launch/local.sh with this JAX process id."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"JAX_PROCESS_ID={process_id}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no child with JAX_PROCESS_ID={process_id} among {children}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_step_with_a_checkpoint(tmp_path: Path) -> None:
+    """The preemption notice reaches one host; every host saves the same step and exits 75."""
+    run, steps = tmp_path / "run", 24
+    only_preemption = ["--config.train.checkpoint_every=1000", "--config.train.eval_every=0"]
+    two = ["--processes", "2", "--cpu_devices", "2"]
+    proc = _start(run, steps, two, TWO_PROCESS_MESH + only_preemption)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (run / "metrics.jsonl").exists() or not read_metrics(run, "train"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.log.read_text()[-3000:]
+        time.sleep(0.2)
+    os.kill(_child_with_process_id(proc.pid, 1), signal.SIGTERM)  # not process 0
+    proc.wait(timeout=TIMEOUT_S)
+    out = proc.log.read_text()
+    assert proc.returncode == 75, out[-4000:]
+    stopped = max(_metric(run, "train"))
+    assert stopped < steps
+    checkpoints = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert checkpoints == [stopped], (checkpoints, stopped)
+    for process in (0, 1):  # both wrote their shards of that one step
+        assert (run / "checkpoints" / str(stopped) / "state" / f"ocdbt.process_{process}").is_dir()
+
+    resumed = _finish(_start(run, steps, two, TWO_PROCESS_MESH + only_preemption), deadline + 60)
+    assert f"resumed from checkpoint at step {stopped}" in resumed
+    assert sorted(_metric(run, "train")) == list(range(1, steps + 1))

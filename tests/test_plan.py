@@ -110,7 +110,7 @@ def test_memory_is_the_compiled_steps_and_state_bytes_are_the_shards(planned, ma
 
     assert got.param_bytes == held(state.params)
     assert got.opt_state_bytes == held(state.opt_state)
-    assert got.other_state_bytes == held((state.step, state.rng))
+    assert got.other_state_bytes == held((state.step, state.rng, state.guard))
     assert got.batch_bytes == held(batch)
     # FSDP: each device holds an eighth of every kernel and all of each norm scale.
     full, fsdp_bytes, _ = _param_bytes(cfg)

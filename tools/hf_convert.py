@@ -72,7 +72,7 @@ def import_dir(cfg: Any, hf_dir: str) -> Path:
     parameters in place of the random ones. Returns the checkpoint directory."""
     from jaxformer import parallel
     from jaxformer.config import validate
-    from jaxformer.train.checkpoint import Checkpointer
+    from jaxformer.train.checkpoint import Checkpointer, run_meta
     from jaxformer.train.optim import make_optimizer
     from jaxformer.train.step import init_state
 
@@ -106,7 +106,7 @@ def import_dir(cfg: Any, hf_dir: str) -> Path:
     try:
         # No batch has been drawn: an empty data state tells `jaxformer train` to start
         # the data from the beginning.
-        checkpointer.maybe_save(0, state, {}, force=True)
+        checkpointer.save(0, state, {}, run_meta(cfg, mesh_shape))
     finally:
         checkpointer.close()
     if jax.process_index() == 0:

@@ -1,21 +1,48 @@
-"""Orbax checkpoints holding the train state and the data iterator together.
+"""Orbax checkpoints holding the train state, the data iterator and the run's metadata.
 
-A checkpoint is one step directory with two items: ``state`` (parameters, optimizer
-state, step and RNG, written shard by shard by every host) and ``data`` (the grain
-iterator's state as JSON). Orbax writes into a temporary directory and renames it when
-every item is complete, so a step directory that exists is a whole checkpoint.
+A checkpoint is one step directory with three items: ``state`` (parameters, optimizer
+state, step, RNG and the bad-step guard, written shard by shard by every host), ``data``
+(the grain iterator's state as JSON) and ``meta`` (the config, the jaxformer and jax
+versions, the mesh and the goodput ledger at save time, as JSON).
+
+Atomicity is Orbax's: every item is written into a temporary directory that is renamed
+to the step's name only once all hosts have finished, so a step directory that exists
+is a committed checkpoint; a save cut off by a crash leaves a temporary directory that
+the next start deletes. A committed checkpoint damaged afterwards (a truncated or
+deleted file) fails to restore: :meth:`Checkpointer.restore_latest` then moves it aside
+to ``damaged_checkpoints/`` beside the checkpoints, says so, and falls back to the next
+newest one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
+from jaxformer.train.errors import CheckpointError
+
+log = logging.getLogger("jaxformer")
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+@dataclass
+class Restored:
+    """A restored checkpoint: its step, state, data-iterator state and metadata."""
+
+    step: int
+    state: Any
+    data: dict
+    meta: dict
 
 
 class Checkpointer:
@@ -28,24 +55,36 @@ class Checkpointer:
             max_to_keep=keep,
             create=True,
             enable_async_checkpointing=use_async,
+            cleanup_tmp_directories=True,  # saves cut off by a crash or a kill
         )
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
+            self.directory, options=options, item_handlers=handlers
         )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps(read=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def maybe_save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
-        """Saves when ``step`` is on the interval or ``force``; returns whether it saved."""
-        if not force and (self.every <= 0 or step % self.every):
-            return False
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> bool:
+        """Starts saving ``step`` (in the background when async); False if it exists."""
         if step in self.manager.all_steps():
             return False
         saved = self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
             ),
             force=True,
         )
@@ -53,15 +92,77 @@ class Checkpointer:
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, abstract_state: Any) -> Restored:
         """Restores ``step`` onto the shardings in ``abstract_state`` (any mesh works)."""
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
             ),
         )
-        return restored["state"], restored["data"]
+        return Restored(step, restored["state"], restored["data"] or {}, restored["meta"] or {})
+
+    def read_meta(self, step: int) -> dict:
+        """The ``meta`` item of ``step`` (empty for a checkpoint written without one)."""
+        path = self.directory / str(step) / "meta"
+        if not path.exists():
+            return {}
+        return (
+            self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            or {}
+        )
+
+    def state_metadata(self, step: int) -> Any:
+        """The stored state's tree of array metadata (shape, dtype), reading no values."""
+        return self.manager.item_metadata(step)["state"].tree
+
+    def restore_latest(
+        self, abstract_state: Any, check: Callable[[int], None] | None = None
+    ) -> Restored | None:
+        """Restores the newest checkpoint that restores, moving damaged ones aside.
+
+        ``check(step)`` runs first for each candidate and may raise (a config that does
+        not fit the checkpoint); its errors propagate, since an older checkpoint of the
+        same run would not fit either. Returns None for a run without checkpoints.
+        """
+        steps = self.all_steps()
+        for i, step in enumerate(reversed(steps)):
+            if check is not None:
+                check(step)
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as err:  # noqa: BLE001 - any failure to read means damage
+                older = steps[-i - 2] if i + 1 < len(steps) else None
+                where = self.quarantine(step)
+                fallback = f"falling back to step {older}" if older is not None else (
+                    "no older checkpoint is left; starting from scratch"
+                )  # fmt: skip
+                log.warning(
+                    "checkpoint step %d in %s is damaged and cannot be restored (%s: %s); "
+                    "moved it to %s; %s",
+                    step, self.directory, type(err).__name__, _first_line(err), where, fallback,
+                )  # fmt: skip
+                if older is None:
+                    raise CheckpointError(
+                        f"every checkpoint in {self.directory} was damaged and has been "
+                        f"moved to {where.parent}; run again to train from scratch"
+                    ) from err
+        return None
+
+    def quarantine(self, step: int) -> Path:
+        """Moves a damaged step directory out of Orbax's sight, keeping it for inspection."""
+        target = self.directory.parent / DAMAGED_DIR / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxformer quarantine {step}")
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -69,6 +170,90 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def run_meta(cfg: Any, mesh_shape: dict[str, int], **extra: Any) -> dict:
+    """The ``meta`` item: what wrote a checkpoint, for resume checks and inspection."""
+    import jaxformer
+
+    return {
+        "config": json.loads(cfg.to_json()),
+        "jaxformer": jaxformer.__version__,
+        "jax": jax.__version__,
+        "mesh": dict(mesh_shape),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "saved_at": time.time(),
+        **extra,
+    }
+
+
+def _leaf_name(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def array_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{path: (shape, dtype)}`` of a state or of a checkpoint's metadata tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_leaf_name(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old, new)}`` for every key whose value differs."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out |= config_differences(a, b, f"{name}.")
+        elif a != b:
+            out[name] = (a, b)
+    return out
+
+
+def check_resume(cfg: Any, checkpointer: Checkpointer, abstract_state: Any, step: int) -> None:
+    """Refuses to resume ``step`` with a config whose arrays have other shapes, naming the
+    config keys that differ; logs the keys that differ but leave every shape alone."""
+    from jaxformer.config import ConfigError
+
+    try:
+        meta = checkpointer.read_meta(step)
+        stored = array_shapes(checkpointer.state_metadata(step))
+    except Exception:  # noqa: BLE001 - unreadable: damage, which restoring reports
+        return
+    changed = config_differences(meta.get("config", {}), json.loads(cfg.to_json()))
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+    ours = array_shapes(abstract_state)
+    if stored != ours:
+        arrays = [
+            f"{name}: {stored.get(name, ('absent',))[0]} -> {ours.get(name, ('absent',))[0]}"
+            for name in sorted(set(stored) | set(ours))
+            if stored.get(name) != ours.get(name)
+        ]
+        more = f" and {len(arrays) - 5} more" if len(arrays) > 5 else ""
+        raise ConfigError(
+            f"cannot resume from checkpoint step {step} in {checkpointer.directory}: this "
+            f"config changes the shapes of the saved arrays ({', '.join(arrays[:5])}{more}). "
+            f"Config keys that differ from the checkpoint's: {shown or 'none recorded'}. "
+            "Restore those values, or start a new train.run_dir (train.init_from=<this run> "
+            "reuses the weights that still fit)."
+        )
+    if changed:
+        log.warning(
+            "resuming from step %d with config keys changed (array shapes unchanged, "
+            "allowed): %s", step, shown,
+        )  # fmt: skip
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

@@ -69,12 +69,15 @@ class RunLogger:
                 f"loss {metrics['loss']:.4f}  {metrics['tokens_per_sec']:,.0f} tok/s  "
                 f"lr {metrics['lr']:.2e}  mfu {metrics.get('mfu', 0.0):.1%}"
             )
+            skipped = metrics.get("nonfinite_total", 0) + metrics.get("spikes_total", 0)
+            if skipped:
+                line += f"  skipped {int(skipped)}"
             if self.progress is not None:
                 self.progress.update(self.task, completed=step, line=line)
             else:
                 eta = (self.total_steps - step) * metrics["step_time"]
                 log.info("step %d/%d  %s  ETA %s", step, self.total_steps, line, _hms(eta))
-        else:
+        elif split != "goodput":  # goodput: files and TensorBoard only; summed up at the end
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             message = f"step {step} {split}: {shown}"
             if self.progress is not None:

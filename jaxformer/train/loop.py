@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -21,10 +22,13 @@ from jaxformer import data as jdata
 from jaxformer import flops, hardware, parallel
 from jaxformer.config import ConfigError, resolve_mesh, validate
 from jaxformer.parallel import distributed
-from jaxformer.train.checkpoint import Checkpointer, abstract_like
+from jaxformer.train.checkpoint import Checkpointer, abstract_like, check_resume, run_meta
+from jaxformer.train.errors import BadSteps, Preempted
+from jaxformer.train.goodput import BUCKETS, Goodput
 from jaxformer.train.init_from import load_params
 from jaxformer.train.logs import RunLogger
 from jaxformer.train.optim import make_optimizer
+from jaxformer.train.preemption import PreemptionWatcher
 from jaxformer.train.step import TrainState, head_metrics, init_state, jit_steps
 
 log = logging.getLogger("jaxformer")
@@ -48,6 +52,7 @@ class Run:
     run_dir: Path
     restored_step: int | None
     data_state: dict | None
+    restored_meta: dict  # the checkpoint's meta item: config, versions, goodput
     train_data: Any  # grain IterDataset of this process's rows
 
 
@@ -146,10 +151,12 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
         every=cfg.train.checkpoint_every,
         use_async=cfg.train.async_checkpoints,
     )
-    restored = checkpointer.latest_step()
-    data_state = None
+    abstract = abstract_like(state, shardings)
+    restored = checkpointer.restore_latest(
+        abstract, check=functools.partial(check_resume, cfg, checkpointer, abstract)
+    )
     if restored is not None:
-        state, data_state = checkpointer.restore(restored, abstract_like(state, shardings))
+        state = restored.state
     elif cfg.train.init_from:  # a fresh run starting from another run's weights
         state = load_params(cfg.train.init_from, state, shardings)
     return Run(
@@ -163,8 +170,9 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
         tokenizer,
         checkpointer,
         run_dir,
-        restored,
-        data_state,
+        None if restored is None else restored.step,
+        None if restored is None else restored.data,
+        {} if restored is None else restored.meta,
         train_data,
     )
 
@@ -247,11 +255,15 @@ def bleu(run: Run, state: TrainState, samples: int) -> float:
 def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains ``cfg`` to ``train.steps``, resuming from ``train.run_dir`` if it has checkpoints.
 
-    Returns the last train and eval metrics.
+    Returns the last train and eval metrics. Raises ``Preempted`` after saving a checkpoint
+    when the run is asked to stop (SIGTERM), and ``BadSteps`` when ``train.max_bad_steps``
+    steps in a row were skipped.
     """
+    goodput = Goodput(Path(cfg.train.run_dir))
     run = setup(cfg)
     t = cfg.train
     start = run.restored_step or 0
+    goodput.enabled = jax.process_index() == 0
     logger = RunLogger(
         run.run_dir,
         total_steps=t.steps,
@@ -268,53 +280,106 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         f"{count.train_flops_per_token:,} train FLOPs/token; MFU against {peak / 1e12:.3g} "
         f"TFLOP/s per device ({peak_source})"
     )
-    if start:
-        logger.info(f"resumed from checkpoint at step {start}")
+    if run.restored_step is not None:
+        redone = goodput.resume(run.restored_meta.get("goodput"), start)
+        lost = f"; {redone} step(s) run after it are redone" if redone else ""
+        logger.info(f"resumed from checkpoint at step {start}{lost}")
 
     batches = iter(run.train_data)
     if run.data_state:  # empty in a checkpoint no batch was drawn for (tools/hf_convert.py)
         batches.set_state(run.data_state)
+    mesh_shape = dict(run.mesh.shape)
+
+    def save(step: int, state: TrainState) -> None:
+        meta = run_meta(cfg, mesh_shape, goodput=goodput.state())
+        run.checkpointer.save(step, state, batches.get_state(), meta)
 
     last: dict[str, Any] = {}
     if start == 0 and t.eval_every > 0:
         last["eval"] = evaluate(run)
         logger.write(0, "eval", last["eval"])
+    goodput.charge("startup")
 
-    state = run.state
-    mark_step = start
-    for step in range(start + 1, t.steps + 1):
-        batch = _global_batch(next(batches), run.mesh)
-        if step == start + 1:
+    watcher = PreemptionWatcher()
+    state, previous = run.state, None
+    mark_step = reached = start
+    try:
+        for step in range(start + 1, t.steps + 1):
+            batch = _global_batch(next(batches), run.mesh)
+            goodput.charge("data")
             # jit compiles synchronously on the first call, then dispatches asynchronously.
-            compile_start = time.perf_counter()
             state, metrics = run.train_step(state, batch)
-            logger.info(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
-            mark_time = time.perf_counter()
-        else:
-            state, metrics = run.train_step(state, batch)
-        logger.advance(step)
-        if step % t.log_every == 0 or step == t.steps:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            step_time = (now - mark_time) / (step - mark_step)
-            tokens_per_sec = t.global_batch * cfg.data.seq_len / step_time
-            model_flops = tokens_per_sec * count.train_flops_per_token
-            values |= {
-                "step_time": step_time,
-                "tokens_per_sec": tokens_per_sec,
-                "tflops_per_device": model_flops / jax.device_count() / 1e12,
-                "mfu": model_flops / (peak * jax.device_count()),
-            }
-            logger.write(step, "train", values)
-            last["train"] = values
-            mark_time, mark_step = time.perf_counter(), step
-        if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps):
-            eval_start = time.perf_counter()
-            last["eval"] = evaluate(run, state)
-            logger.write(step, "eval", last["eval"])
-            mark_time += time.perf_counter() - eval_start  # step time excludes evaluation
-        run.checkpointer.maybe_save(step, state, batches.get_state(), force=step == t.steps)
-    run.checkpointer.close()
-    logger.close()
+            reached = step
+            if step == start + 1:
+                goodput.charge("compile")
+                logger.info(f"compiled the train step in {goodput.seconds['compile']:.1f}s")
+                mark_time = time.perf_counter()
+            if previous is not None:  # one step behind, so the device always has work
+                _check_bad_steps(previous, step - 1, t.max_bad_steps, run.checkpointer)
+            previous = metrics
+            logger.advance(step)
+            if step % t.log_every == 0 or step == t.steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                step_time = (now - mark_time) / (step - mark_step)
+                tokens_per_sec = t.global_batch * cfg.data.seq_len / step_time
+                model_flops = tokens_per_sec * count.train_flops_per_token
+                values |= {
+                    "step_time": step_time,
+                    "tokens_per_sec": tokens_per_sec,
+                    "tflops_per_device": model_flops / jax.device_count() / 1e12,
+                    "mfu": model_flops / (peak * jax.device_count()),
+                }
+                goodput.charge("step")
+                logger.write(step, "train", values)
+                logger.write(step, "goodput", goodput.metrics())
+                goodput.write_ledger(step)
+                last["train"] = values
+                mark_time, mark_step = time.perf_counter(), step
+            goodput.charge("step")
+            if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps):
+                eval_start = time.perf_counter()
+                last["eval"] = evaluate(run, state)
+                logger.write(step, "eval", last["eval"])
+                mark_time += time.perf_counter() - eval_start  # step time excludes evaluation
+                goodput.charge("eval")
+            if watcher.should_stop(step):
+                save(step, state)
+                run.checkpointer.wait()
+                goodput.charge("checkpoint")
+                goodput.write_ledger(step)
+                raise Preempted(step, str(run.checkpointer.directory))
+            if run.checkpointer.due(step) or step == t.steps:
+                save(step, state)
+                goodput.charge("checkpoint")
+        if previous is not None:
+            _check_bad_steps(previous, t.steps, t.max_bad_steps, run.checkpointer)
+    finally:
+        watcher.close()
+        run.checkpointer.close()  # lets a save in flight finish, even after an error
+        goodput.charge("checkpoint")
+        goodput.write_ledger(reached)
+        summary = goodput.metrics()
+        logger.info(
+            "goodput {:.1%} of {:.0f}s: ".format(summary["goodput"], summary["total_s"])
+            + ", ".join(f"{k} {goodput.seconds[k]:.1f}s" for k in BUCKETS)
+        )
+        logger.close()
     run.state = state
     return last
+
+
+def _check_bad_steps(metrics: dict, step: int, limit: int, checkpointer: Checkpointer) -> None:
+    """Stops the run when ``limit`` steps in a row up to ``step`` were skipped."""
+    in_a_row = int(jax.device_get(metrics["bad_in_a_row"]))
+    if limit <= 0 or in_a_row < limit:
+        return
+    steps = checkpointer.all_steps()
+    kept = f"step {steps[-1]} in {checkpointer.directory}" if steps else "none yet"
+    raise BadSteps(
+        f"stopping at step {step}: the last {in_a_row} steps were all skipped (non-finite "
+        f"loss or gradients so far: {int(metrics['nonfinite_total'])}, loss spikes: "
+        f"{int(metrics['spikes_total'])}; limit train.max_bad_steps={limit}). Parameters "
+        f"were left as they were before the first of them; the last checkpoint is kept "
+        f"({kept}). Look at the data and learning rate around these steps before resuming."
+    )

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 from jaxformer import model as model_lib
 from jaxformer import parallel
 from jaxformer.parallel import pipeline
+from jaxformer.train import guard as guard_lib
 from jaxformer.train.loss import cross_entropy
 from jaxformer.train.optim import make_schedule
 
@@ -63,6 +64,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: nnx.State
     opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key data, so Orbax stores it as a plain array
+    guard: guard_lib.Guard  # bad-step counters and loss statistics (train/guard.py)
 
 
 def build_model(cfg: Any, seed: int) -> nnx.Module:
@@ -86,7 +88,9 @@ def _build_state(cfg: Any, tx: optax.GradientTransformation) -> TrainState:
     seed = cfg.train.seed
     params = nnx.state(build_model(cfg, seed))
     rng = jax.random.key_data(jax.random.key(seed + 1))
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
+    return TrainState(
+        jnp.zeros((), jnp.int32), params, tx.init(params), rng, guard_lib.init_guard()
+    )
 
 
 def abstract_state(
@@ -156,7 +160,8 @@ def train_step(
     tx: optax.GradientTransformation,
     cfg: Any,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch, accumulating over ``train.microbatches``."""
+    """One optimizer step on a global batch, accumulating over ``train.microbatches``;
+    not applied (but counted) when the guard judges it bad (train/guard.py)."""
     key = None
     if cfg.model.dropout > 0:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -183,21 +188,24 @@ def train_step(
         )
     weight = jnp.maximum(stats["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ok, guard = guard_lib.judge(cfg.train, state.guard, loss_sum / weight, grad_norm)
+    params, opt_state = guard_lib.keep_if(ok, (params, opt_state), (state.params, state.opt_state))
     schedule = make_schedule(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
     metrics = {
         "loss": loss_sum / weight,
         "nll": stats["nll"] / weight,
         "accuracy": stats["correct"] / weight,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "lr": schedule(state.step),
         "tokens": stats["weight"],
-    }
+    } | guard_lib.metrics(ok, guard)
     if cfg.model.moe_experts > 0:
         metrics.update({name: stats[name] / weight for name in MOE_STAT_KEYS})
     metrics.update(head_metrics(stats))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard)
     return new_state, metrics
 
 

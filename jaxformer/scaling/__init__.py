@@ -1,0 +1,1 @@
+"""Scaling-law sweeps: plan, run, collect, fit and plot (``jaxformer sweep``)."""
