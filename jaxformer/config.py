@@ -415,14 +415,6 @@ def _validate_pipeline(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
             f"config key 'mesh.sequence' ({mesh['sequence']}) must be 1 {where}: ring "
             "attention is not combined with pipelining yet"
         )
-    if mesh.get("fsdp", 1) > 1 and mesh.get("tensor", 1) > 1:
-        # XLA (jax 0.10.2) aborts partitioning a gather inside the stage shard_map when both
-        # axes shard it (spmd_partitioner_util.cc: ExpandDeviceGroupsWithIota check).
-        raise ConfigError(
-            f"config keys 'mesh.fsdp' ({mesh['fsdp']}) and 'mesh.tensor' ({mesh['tensor']}) "
-            f"{where}: pipelining composes with either axis, not both at once yet (XLA's "
-            "partitioner aborts on that layout)"
-        )
     if t.pipeline_schedule == "1f1b" and t.microbatches < stages:
         raise ConfigError(
             f"config key 'train.microbatches' ({t.microbatches}) must be at least the "
@@ -500,4 +492,7 @@ def validate(
             )
     if t.steps < 1:
         raise ConfigError(f"config key 'train.steps' must be >= 1, got {t.steps}")
+    for key in ("max_bad_steps", "spike_sigma", "spike_warmup"):
+        if t[key] < 0:
+            raise ConfigError(f"config key 'train.{key}' must be >= 0, got {t[key]}")
     return mesh

@@ -317,7 +317,12 @@ def _single_device(cfg):
     return state, train
 
 
-DENSE_METRICS = {"loss", "nll", "accuracy", "grad_norm", "lr", "tokens"}
+DENSE_METRICS = {"loss", "nll", "accuracy", "grad_norm", "lr", "tokens"} | {
+    "skipped",
+    "bad_in_a_row",
+    "nonfinite_total",
+    "spikes_total",  # the bad-step guard
+}
 MOE_METRICS = {"moe_aux_loss", "moe_z_loss", "moe_dropped_fraction"}
 
 

@@ -83,6 +83,8 @@ def reference(make_config, make_batch):
         (2, "1f1b", 4, {"fsdp": 2}),
         (2, "gpipe", 4, {"tensor": 2}),
         (2, "1f1b", 4, {"tensor": 2}),
+        (2, "gpipe", 4, {"fsdp": 2, "tensor": 2}),
+        (2, "1f1b", 4, {"fsdp": 2, "tensor": 2}),
     ],
 )
 def test_pipeline_matches_unpipelined(make_config, reference, stages, schedule, microbatches, axes):
@@ -154,13 +156,6 @@ def test_pipeline_config_errors(make_config, overrides, key):
     cfg = make_config({**OVERRIDES, "mesh.stage": 2, **overrides})
     with pytest.raises(ConfigError, match=key):
         validate(cfg, 2)
-
-
-def test_pipeline_with_fsdp_and_tensor_is_refused(make_config):
-    """Each composes with stages (above); both at once would abort inside XLA."""
-    cfg = make_config({**OVERRIDES, "mesh.stage": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-    with pytest.raises(ConfigError, match="mesh.tensor"):
-        validate(cfg, 8)
 
 
 def test_pipeline_rejects_other_families(make_config):

@@ -207,15 +207,25 @@ def test_shape_changing_config_fails_naming_keys_and_safe_change_is_logged(
 ) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
+    stored_config = (run_dir / "config.json").read_text()
     with pytest.raises(ConfigError, match=r"model\.d_ff: 64 -> 96") as err:
         loop.setup(_tiny(run_dir, 4, "--config.model.d_ff=96"))
     assert "shapes" in str(err.value) and "mlp" in str(err.value)
+    assert (run_dir / "config.json").read_text() == stored_config, "a refused resume wrote"
     with caplog.at_level(logging.WARNING, logger="jaxformer"):
         run = loop.setup(_tiny(run_dir, 8, "--config.optimizer.lr=0.0005"))
     run.checkpointer.close()
     assert run.restored_step == 4
     assert "optimizer.lr" in caplog.text and "train.steps: 4 -> 8" in caplog.text
     assert list((run_dir / "checkpoints").iterdir()), "a refused resume deletes nothing"
+
+
+@pytest.mark.parametrize("key", ["max_bad_steps", "spike_sigma", "spike_warmup"])
+def test_negative_guard_settings_are_config_errors(tmp_path: Path, key: str) -> None:
+    from jaxformer.config import validate
+
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        validate(_tiny(tmp_path, 4, f"--config.train.{key}=-1"), 8, 1)
 
 
 def _host(tree) -> list[np.ndarray]:
@@ -375,3 +385,25 @@ def _flat(tree):
     pure = nnx.to_pure_dict(tree)
     leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
     return [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p), v) for p, v in leaves]
+
+
+def test_goodput_counts_work_after_the_last_checkpoint_as_lost(tmp_path: Path) -> None:
+    from jaxformer.train.goodput import LEDGER, Goodput
+
+    # The dead attempt logged 100 s of totals at step 50; its last checkpoint (step 30)
+    # was saved when the totals were 70 s: 30 s and 20 steps were lost and are redone.
+    seconds = {"startup": 10.0, "compile": 5.0, "step": 50.0, "checkpoint": 5.0}
+    (tmp_path / LEDGER).write_text(
+        json.dumps({"step": 50, "total": 100.0, "updated_at": time.time() - 4.0})
+    )
+    goodput = Goodput(tmp_path)
+    redone = goodput.resume({"seconds": seconds, "restart_gap": 0.0, "restarts": 0}, 30)
+    assert redone == 20
+    assert goodput.seconds["lost"] == pytest.approx(30.0)
+    assert goodput.total == pytest.approx(100.0)
+    assert goodput.restarts == 1 and 4.0 <= goodput.restart_gap < 60.0
+    metrics = goodput.metrics()
+    assert metrics["goodput"] == pytest.approx(0.5)
+    assert metrics["lost_fraction"] == pytest.approx(0.3)
+    goodput.write_ledger(31)
+    assert json.loads((tmp_path / LEDGER).read_text())["restarts"] == 1

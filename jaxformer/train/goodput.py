@@ -47,8 +47,11 @@ class Goodput:
             self.restart_gap = float(saved.get("restart_gap", 0.0))
             self.restarts = int(saved.get("restarts", 0))
         if ledger:
-            total_at_save = sum(self.seconds.values())
-            self.seconds["lost"] += max(0.0, ledger["total"] - total_at_save)
+            # Time past the checkpoint: lost work if steps ran after it, otherwise (a
+            # preempted run) the save being finished and the process shutting down.
+            after = max(0.0, ledger["total"] - sum(self.seconds.values()))
+            ran_on = int(ledger.get("step", 0)) > restored_step
+            self.seconds["lost" if ran_on else "checkpoint"] += after
             self.restart_gap += max(0.0, time.time() - ledger["updated_at"])
             self.restarts += 1
         return max(0, int(ledger.get("step", 0)) - restored_step) if ledger else 0

@@ -131,16 +131,6 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_directory(run_dir)
-    if jax.process_index() == 0:
-        (run_dir / "config.json").write_text(cfg.to_json(indent=2, sort_keys=True) + "\n")
-        info = {
-            "jaxformer": jaxformer.__version__,
-            "jax": jax.__version__,
-            "mesh": mesh_shape,
-            "mesh_dcn": dcn_shape,
-            "batch": describe(cfg, mesh_shape),
-        }
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
     graphdef, state, shardings = init_state(cfg, tx, mesh, rules)
@@ -159,6 +149,18 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
         state = restored.state
     elif cfg.train.init_from:  # a fresh run starting from another run's weights
         state = load_params(cfg.train.init_from, state, shardings)
+    # Written once the config is known to fit the run's checkpoints: a refused resume
+    # leaves the run directory as it was.
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(cfg.to_json(indent=2, sort_keys=True) + "\n")
+        info = {
+            "jaxformer": jaxformer.__version__,
+            "jax": jax.__version__,
+            "mesh": mesh_shape,
+            "mesh_dcn": dcn_shape,
+            "batch": describe(cfg, mesh_shape),
+        }
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return Run(
         cfg,
         mesh,

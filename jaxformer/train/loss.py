@@ -23,7 +23,11 @@ def cross_entropy(
     """
     logits = logits_BxLxV.astype(jnp.float32)
     log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+    # The target's logit as a masked sum over the vocabulary, not a gather: exact (one
+    # nonzero term), fused with the logsumexp pass, and partitionable inside the pipeline's
+    # shard_map with fsdp x tensor, where XLA (jax 0.10.2) aborts on the gather.
+    is_target_BxLxV = jnp.arange(logits.shape[-1]) == targets_BxL[..., None]
+    target_logit_BxL = jnp.where(is_target_BxLxV, logits, 0.0).sum(axis=-1)
     nll_BxL = log_z_BxL - target_logit_BxL
     loss_BxL = nll_BxL
     if label_smoothing > 0:
