@@ -389,6 +389,7 @@ class Plan:
     global_batch: int
     seq_len: int
     microbatches: int
+    pipeline_schedule: str  # train.pipeline_schedule (meaningful when mesh stage > 1)
     params: int  # parameters in the model (all devices)
     param_bytes: int  # per device, from the shardings
     opt_state_bytes: int  # per device
@@ -407,6 +408,13 @@ class Plan:
         m = self.memory
         return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
 
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of each pipeline stage's time (0 without pipelining)."""
+        from jaxformer.parallel.pipeline import bubble_fraction
+
+        return bubble_fraction(self.mesh.get("stage", 1), self.microbatches)
+
     def totals(self) -> dict[str, dict[str, int | None]]:
         """Per kind: executions, bytes and estimated bytes sent, per device per step."""
         out: dict[str, dict[str, int | None]] = {}
@@ -424,6 +432,7 @@ class Plan:
         out = dataclasses.asdict(self)
         out["memory"] = {**self.memory, "total": self.memory_total}
         out["collective_totals"] = self.totals()
+        out["bubble_fraction"] = self.bubble_fraction
         return out
 
     def table(self) -> str:
@@ -436,9 +445,16 @@ class Plan:
             f"({per_shard} sequences per batch shard, {self.microbatches} microbatch(es)); "
             f"{self.params:,} parameters",
             f"lowered in {self.lower_s:.2f} s, compiled in {self.compile_s:.2f} s",
-            "",
-            "memory per device",
         ]
+        stages = self.mesh.get("stage", 1)
+        if stages > 1:
+            lines.append(
+                f"pipeline: {stages} stages x {self.microbatches} microbatches, "
+                f"{self.pipeline_schedule}; bubble {self.bubble_fraction:.1%} of each stage's "
+                f"time; activation memory per stage (one device's temporaries) "
+                f"{_human(self.memory['temp'])}"
+            )
+        lines += ["", "memory per device"]
         rows = [
             ("parameters", self.param_bytes, "shards of the parameters"),
             ("optimizer state", self.opt_state_bytes, "shards of the optimizer state"),
@@ -517,6 +533,7 @@ def plan(
         global_batch=cfg.train.global_batch,
         seq_len=cfg.data.seq_len,
         microbatches=cfg.train.microbatches,
+        pipeline_schedule=cfg.train.pipeline_schedule,
         params=global_size(nnx.state(state.params, nnx.Param)),
         param_bytes=shard_bytes(state.params),
         opt_state_bytes=shard_bytes(state.opt_state),

@@ -336,3 +336,23 @@ def test_cli_plan_simulates_the_devices_it_is_asked_for(repo_root, tmp_path):
         assert row in out
     assert "model FLOPs per step" in out
     assert np.isfinite(float(out.split("compiled in ")[1].split(" s")[0]))
+
+
+def test_pipeline_plan_reports_bubble_and_1f1b_bounds_activation_memory(planned) -> None:
+    """Per-stage activation memory is one device's temporaries: at a fixed microbatch size,
+    GPipe's grow with the number of microbatches, 1F1B's do not."""
+    temps = {}
+    for schedule in ("gpipe", "1f1b"):
+        for microbatches in (2, 8):
+            _, got = planned(
+                (4, 1, 1), **{"mesh.stage": 2, "train.microbatches": microbatches},
+                **{"train.pipeline_schedule": schedule, "train.global_batch": 8 * microbatches},
+            )  # fmt: skip
+            temps[schedule, microbatches] = got.memory["temp"]
+            bubble = 1 / (microbatches + 1)
+            assert got.bubble_fraction == pytest.approx(bubble)
+            assert f"bubble {bubble:.1%}" in got.table()
+            assert got.to_json()["bubble_fraction"] == pytest.approx(bubble)
+    assert temps["gpipe", 8] > 1.5 * temps["gpipe", 2]
+    assert temps["1f1b", 8] < 1.2 * temps["1f1b", 2]
+    assert temps["1f1b", 8] < temps["gpipe", 8]
