@@ -4,8 +4,10 @@ loss spike, is not applied.
 It lives inside the jitted train step, so judging a step costs no host round trip: the
 new parameters and optimizer state are selected elementwise against the old ones (XLA
 fuses the select into the update), and the counters travel in the train state, so a
-resumed run judges exactly as an uninterrupted one. The loop reads ``bad_in_a_row`` one
-step behind and stops the run after ``train.max_bad_steps`` skipped steps in a row.
+resumed run judges exactly as an uninterrupted one. The longest run of skipped steps so
+far is kept too, so the loop needs no host round trip per step: it reads that counter when
+it fetches metrics anyway (log steps) and before each save, and stops the run once it
+reaches ``train.max_bad_steps``.
 
 The spike guard (``train.spike_sigma > 0``) skips a step whose loss exceeds the running
 mean by more than ``spike_sigma`` running standard deviations, once ``spike_warmup``
@@ -33,6 +35,7 @@ def init_guard() -> Guard:
     value = jnp.zeros((), jnp.float32)
     return {
         "bad_in_a_row": count,  # skipped steps since the last applied one
+        "longest_in_a_row": count,  # the most skipped steps in a row so far
         "nonfinite_total": count,
         "spikes_total": count,
         "loss_count": count,  # finite losses seen by the statistics
@@ -58,8 +61,10 @@ def judge(
     mean = jnp.where(first, loss, guard["loss_mean"] + (1 - SPIKE_DECAY) * delta)
     var = jnp.where(first, 0.0, SPIKE_DECAY * (guard["loss_var"] + (1 - SPIKE_DECAY) * delta**2))
     one = jnp.ones((), jnp.int32)
+    in_a_row = jnp.where(ok, 0, guard["bad_in_a_row"] + 1)
     new = {
-        "bad_in_a_row": jnp.where(ok, 0, guard["bad_in_a_row"] + 1),
+        "bad_in_a_row": in_a_row,
+        "longest_in_a_row": jnp.maximum(guard["longest_in_a_row"], in_a_row),
         "nonfinite_total": guard["nonfinite_total"] + jnp.where(finite, 0, one),
         "spikes_total": guard["spikes_total"] + jnp.where(spike, one, 0),
         "loss_count": guard["loss_count"] + jnp.where(finite, one, 0),
@@ -79,6 +84,7 @@ def metrics(ok: jax.Array, guard: Guard) -> dict[str, jax.Array]:
     return {
         "skipped": 1.0 - ok.astype(jnp.float32),
         "bad_in_a_row": guard["bad_in_a_row"],
+        "longest_in_a_row": guard["longest_in_a_row"],
         "nonfinite_total": guard["nonfinite_total"],
         "spikes_total": guard["spikes_total"],
     }

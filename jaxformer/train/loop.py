@@ -303,7 +303,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     goodput.charge("startup")
 
     watcher = PreemptionWatcher()
-    state, previous = run.state, None
+    state = run.state
     mark_step = reached = start
     try:
         for step in range(start + 1, t.steps + 1):
@@ -316,9 +316,6 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                 goodput.charge("compile")
                 logger.info(f"compiled the train step in {goodput.seconds['compile']:.1f}s")
                 mark_time = time.perf_counter()
-            if previous is not None:  # one step behind, so the device always has work
-                _check_bad_steps(previous, step - 1, t.max_bad_steps, run.checkpointer)
-            previous = metrics
             logger.advance(step)
             if step % t.log_every == 0 or step == t.steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -338,24 +335,30 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                 goodput.write_ledger(step)
                 last["train"] = values
                 mark_time, mark_step = time.perf_counter(), step
+                _check_bad_steps(values, step, t.max_bad_steps, run.checkpointer)
             goodput.charge("step")
-            if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps):
+            evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
+            stopping, saving = watcher.should_stop(step), run.checkpointer.due(step)
+            if evaluating or stopping or saving or step == t.steps:
+                jax.block_until_ready(metrics)  # the steps in flight are productive time
+                goodput.charge("step")
+            if evaluating:
                 eval_start = time.perf_counter()
                 last["eval"] = evaluate(run, state)
                 logger.write(step, "eval", last["eval"])
                 mark_time += time.perf_counter() - eval_start  # step time excludes evaluation
                 goodput.charge("eval")
-            if watcher.should_stop(step):
+            if stopping:
                 save(step, state)
                 run.checkpointer.wait()
                 goodput.charge("checkpoint")
                 goodput.write_ledger(step)
                 raise Preempted(step, str(run.checkpointer.directory))
-            if run.checkpointer.due(step) or step == t.steps:
+            if saving or step == t.steps:
+                # Never save past a stopping streak: the last checkpoint stays the good one.
+                _check_bad_steps(metrics, step, t.max_bad_steps, run.checkpointer)
                 save(step, state)
                 goodput.charge("checkpoint")
-        if previous is not None:
-            _check_bad_steps(previous, t.steps, t.max_bad_steps, run.checkpointer)
     finally:
         watcher.close()
         run.checkpointer.close()  # lets a save in flight finish, even after an error
@@ -372,16 +375,17 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _check_bad_steps(metrics: dict, step: int, limit: int, checkpointer: Checkpointer) -> None:
-    """Stops the run when ``limit`` steps in a row up to ``step`` were skipped."""
-    in_a_row = int(jax.device_get(metrics["bad_in_a_row"]))
-    if limit <= 0 or in_a_row < limit:
+    """Stops the run once ``limit`` steps in a row were skipped (read from the guard's
+    counters in ``metrics``: no extra host round trip where metrics are fetched anyway)."""
+    longest = int(jax.device_get(metrics["longest_in_a_row"]))
+    if limit <= 0 or longest < limit:
         return
     steps = checkpointer.all_steps()
     kept = f"step {steps[-1]} in {checkpointer.directory}" if steps else "none yet"
     raise BadSteps(
-        f"stopping at step {step}: the last {in_a_row} steps were all skipped (non-finite "
-        f"loss or gradients so far: {int(metrics['nonfinite_total'])}, loss spikes: "
+        f"stopping at step {step}: {longest} steps in a row were skipped (non-finite loss "
+        f"or gradients so far: {int(metrics['nonfinite_total'])}, loss spikes: "
         f"{int(metrics['spikes_total'])}; limit train.max_bad_steps={limit}). Parameters "
         f"were left as they were before the first of them; the last checkpoint is kept "
-        f"({kept}). Look at the data and learning rate around these steps before resuming."
+        f"({kept}). Look at the data and learning rate before this step, then resume."
     )
