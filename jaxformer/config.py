@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.relative_max_distance = 128  # t5: distance beyond which buckets saturate
     m.dropout = 0.0
     m.scan_layers = True
-    m.remat = "none"  # none | full | dots | dots_no_batch
+    m.remat = "none"  # none | full | dots | dots_no_batch | qkv (docs/performance.md)
     m.attention_impl = "einsum"  # einsum (reference) | dot_product (jax.nn, cuDNN on GPU)
     m.sliding_window = 0  # attend only to the last N positions; 0 = unlimited
     m.moe_experts = 0  # experts per MoE MLP; 0 = dense MLP
@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.seed = 0
     t.label_smoothing = 0.0
     t.z_loss = 0.0
+    # Decoders: compute the output projection and loss this many positions at a time so
+    # the [B, L, V] logits never exist whole (docs/performance.md); 0 = all at once.
+    t.loss_chunk = 0
     t.log_every = 20
     t.eval_every = 100
     t.eval_batches = 8
@@ -173,7 +176,7 @@ _CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("swiglu", "geglu", "gelu", "gelu_exact", "relu"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch", "qkv"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.name": ("stdlib", "text_files", "tfds", "reverse_words", "stdlib_packages"),
@@ -492,6 +495,17 @@ def validate(
             )
     if t.steps < 1:
         raise ConfigError(f"config key 'train.steps' must be >= 1, got {t.steps}")
+    if t.loss_chunk:
+        if t.loss_chunk < 0 or cfg.data.seq_len % t.loss_chunk:
+            raise ConfigError(
+                f"config key 'train.loss_chunk' ({t.loss_chunk}) must divide "
+                f"data.seq_len ({cfg.data.seq_len})"
+            )
+        if m.family != "decoder" or mesh.get("stage", 1) > 1:
+            raise ConfigError(
+                "config key 'train.loss_chunk' works for model.family='decoder' without "
+                f"pipelining; got family '{m.family}', mesh.stage {mesh.get('stage', 1)}"
+            )
     for key in ("max_bad_steps", "spike_sigma", "spike_warmup"):
         if t[key] < 0:
             raise ConfigError(f"config key 'train.{key}' must be >= 0, got {t[key]}")

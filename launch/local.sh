@@ -55,6 +55,10 @@ if [ -n "$cpu_devices" ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$cpu_devices"
 fi
 
+if [ -n "$gpus_per_process" ]; then
+  # shellcheck source=launch/xla_gpu_flags.sh
+  . launch/xla_gpu_flags.sh
+fi
 if [ "$processes" -eq 1 ] && [ -z "$gpus_per_process" ]; then
   exec jaxformer train --config="$config" "$@"
 fi

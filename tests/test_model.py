@@ -362,7 +362,10 @@ def _stacked(state):
 
 @pytest.mark.parametrize(
     ("remat", "scan"),
-    [("full", True), ("dots", True), ("dots_no_batch", True), ("none", False), ("full", False)],
+    [
+        ("full", True), ("dots", True), ("dots_no_batch", True), ("qkv", True),
+        ("none", False), ("full", False),
+    ],
 )
 def test_remat_gives_same_loss_and_grads(make_config, remat_reference, remat, scan):
     cfg, batch, key, (loss, grads) = remat_reference

@@ -343,3 +343,43 @@ def test_adafactor_trains(make_config, make_batch):
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_chunked_loss_matches_whole_logits_and_holds_less(make_config, make_batch):
+    """train.loss_chunk: the same loss, statistics and gradients (label smoothing and
+    z-loss on), and a smaller compiled working set when the vocabulary dominates."""
+    from jaxformer.train.step import _loss_and_grads
+
+    base = {"model.vocab_size": 4096, "train.label_smoothing": 0.1, "train.z_loss": 1e-4}
+    whole, chunked = make_config(base), make_config({**base, "train.loss_chunk": 4})
+    graphdef, params = nnx.split(build_model(whole, 0))
+    batch = {k: jnp.asarray(v) for k, v in make_batch(8, 16, 4096, seed=3).items()}
+    batch["weights"] = batch["weights"].at[1, 5:].set(0.0)
+
+    def compiled(cfg):
+        fn = jax.jit(lambda p: _loss_and_grads(graphdef, p, batch, None, cfg))
+        return fn.lower(params).compile()
+
+    results = {}
+    for name, cfg in (("whole", whole), ("chunked", chunked)):
+        exe = compiled(cfg)
+        results[name] = (exe(params), exe.memory_analysis().temp_size_in_bytes)
+    ((loss, stats), grads), temp_whole = results["whole"]
+    ((got_loss, got_stats), got_grads), temp_chunked = results["chunked"]
+    np.testing.assert_allclose(float(got_loss), float(loss), rtol=1e-6)
+    for key in stats:
+        np.testing.assert_allclose(float(got_stats[key]), float(stats[key]), rtol=1e-6)
+    for (path, want), (_, got) in zip(
+        nnx.to_flat_state(grads), nnx.to_flat_state(got_grads), strict=True
+    ):
+        want, got = np.asarray(want.get_value()), np.asarray(got.get_value())
+        # Sums in another order: compare against the leaf's scale, as the parallel tests do.
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), path
+    assert temp_chunked < 0.6 * temp_whole, (temp_chunked, temp_whole)
+
+
+def test_loss_chunk_must_divide_the_sequence(make_config):
+    from jaxformer.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="train.loss_chunk"):
+        validate(make_config({"train.loss_chunk": 5}), 1)

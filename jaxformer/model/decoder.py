@@ -28,6 +28,9 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Only the attention projections (named in layers.Attention._qkv): the MLP, the
+    # attention scores and the norms are recomputed; q, k and v are not.
+    "qkv": jax.checkpoint_policies.save_only_these_names("query", "key", "value"),
 }
 
 
@@ -229,8 +232,11 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         *,
         return_aux: bool = False,
         capture: bool = False,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Returns float32 logits [B, L, V]; ``dropout_key=None`` runs deterministically.
+        ``return_hidden`` returns the final hidden states [B, L, D] instead, for a loss
+        that projects them itself (``train.loss_chunk``, via ``_output_logits``).
 
         With ``return_aux``, returns (logits, aux): the MoE auxiliary values summed over
         layers (``aux_loss``, ``z_loss``, already weighted, to add to the training loss)
@@ -250,8 +256,8 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         x_BxLxD = self._final(x_BxLxD)
         if capture:
             aux = {**aux, **stack_hidden(captured, x_BxLxD, "")}
-        logits_BxLxV = self._output_logits(x_BxLxD)
-        return (logits_BxLxV, aux) if return_aux or capture else logits_BxLxV
+        out = x_BxLxD if return_hidden else self._output_logits(x_BxLxD)
+        return (out, aux) if return_aux or capture else out
 
     def apply_batch(
         self,
@@ -259,12 +265,14 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         dropout_key: jax.Array | None = None,
         *,
         capture: bool = False,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Logits aligned with ``batch["targets"]`` and the aux values (the train step's
-        entry point, shared by every model family)."""
+        """Logits aligned with ``batch["targets"]`` (or, with ``return_hidden``, the final
+        hidden states) and the aux values (the train step's entry point, shared by every
+        model family)."""
         return self(
             batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
-            return_aux=True, capture=capture,
+            return_aux=True, capture=capture, return_hidden=return_hidden,
         )  # fmt: skip
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:

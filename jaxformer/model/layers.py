@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxformer.parallel import constrain, ring_attention, sequence_sharded
 
@@ -315,7 +316,12 @@ class Attention(nnx.Module):
         if self.cfg.position == "rope":
             q_BxLxHxDh = rope(q_BxLxHxDh, positions_BxL, self.cfg.rope_base)
             k_BxLxKxDh = rope(k_BxLxKxDh, positions_BxL, self.cfg.rope_base)
-        return q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh
+        # Named for remat policies: model.remat="qkv" keeps these and recomputes the rest.
+        return (
+            checkpoint_name(q_BxLxHxDh, "query"),
+            checkpoint_name(k_BxLxKxDh, "key"),
+            checkpoint_name(v_BxLxKxDh, "value"),
+        )
 
     def _attend(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -43,3 +45,46 @@ def cross_entropy(
         "correct": (correct_BxL * weights_BxL).sum(),
     }
     return (loss_BxL * weights_BxL).sum(), stats
+
+
+def chunked_cross_entropy(
+    hidden_BxLxD: jax.Array,
+    logits_fn: Callable[[jax.Array], jax.Array],
+    targets_BxL: jax.Array,
+    weights_BxL: jax.Array,
+    *,
+    chunk: int,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`cross_entropy` of ``logits_fn(hidden)``, ``chunk`` positions at a time.
+
+    The output projection and the loss run in a loop over length chunks, each under
+    ``jax.checkpoint``, so only one ``[B, chunk, V]`` block of logits exists at a time,
+    forward and backward (the backward recomputes a chunk's logits from its hidden
+    states). With a large vocabulary the logits, not the model, set the peak memory:
+    this trades one more output matmul in the backward for ``L / chunk`` times less
+    logits memory. Same sums as the unchunked loss, to float rounding.
+    """
+    rows, length, width = hidden_BxLxD.shape
+    if length % chunk:
+        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {length}")
+    n = length // chunk
+
+    def chunks(x: jax.Array) -> jax.Array:  # [B, L, ...] -> [n, B, chunk, ...]
+        return x.reshape(rows, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h_BxCxD: jax.Array, t_BxC: jax.Array, w_BxC: jax.Array) -> tuple:
+        return cross_entropy(
+            logits_fn(h_BxCxD), t_BxC, w_BxC, label_smoothing=label_smoothing, z_loss=z_loss
+        )
+
+    def body(total: tuple, xs: tuple) -> tuple[tuple, None]:
+        return jax.tree.map(jnp.add, total, one(*xs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, {"weight": zero, "nll": zero, "correct": zero})
+    xs = (chunks(hidden_BxLxD), chunks(targets_BxL), chunks(weights_BxL))
+    total, _ = jax.lax.scan(body, init, xs)
+    return total

@@ -16,7 +16,7 @@ from jaxformer import model as model_lib
 from jaxformer import parallel
 from jaxformer.parallel import pipeline
 from jaxformer.train import guard as guard_lib
-from jaxformer.train.loss import cross_entropy
+from jaxformer.train.loss import chunked_cross_entropy, cross_entropy
 from jaxformer.train.optim import make_schedule
 
 Batch = dict[str, jax.Array]
@@ -127,8 +127,17 @@ def _loss_and_grads(
     graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None, cfg: Any
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
     def loss_fn(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logits, aux = nnx.merge(graphdef, p).apply_batch(batch, key)
-        loss, stats = _token_loss(cfg, logits, batch)
+        model = nnx.merge(graphdef, p)
+        if cfg.train.loss_chunk:  # logits a chunk at a time, never whole (decoders)
+            hidden, aux = model.apply_batch(batch, key, return_hidden=True)
+            loss, stats = chunked_cross_entropy(
+                hidden, model._output_logits, batch["targets"], batch["weights"],
+                chunk=cfg.train.loss_chunk, label_smoothing=cfg.train.label_smoothing,
+                z_loss=cfg.train.z_loss,
+            )  # fmt: skip
+        else:
+            logits, aux = model.apply_batch(batch, key)
+            loss, stats = _token_loss(cfg, logits, batch)
         stats |= head_stats(aux, batch)
         for name in head_names(batch):
             # Each head's mean, given the batch's token weight: the step's one division by
@@ -209,10 +218,19 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+def eval_step(
+    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int = 0
+) -> dict[str, jax.Array]:
     """Summed held-out statistics of one batch (no dropout, no smoothing)."""
-    logits, aux = nnx.merge(graphdef, state.params).apply_batch(batch)
-    _, stats = cross_entropy(logits, batch["targets"], batch["weights"])
+    model = nnx.merge(graphdef, state.params)
+    if loss_chunk:
+        hidden, aux = model.apply_batch(batch, return_hidden=True)
+        _, stats = chunked_cross_entropy(
+            hidden, model._output_logits, batch["targets"], batch["weights"], chunk=loss_chunk
+        )
+    else:
+        logits, aux = model.apply_batch(batch)
+        _, stats = cross_entropy(logits, batch["targets"], batch["weights"])
     return stats | head_stats(aux, batch)
 
 
@@ -242,7 +260,7 @@ def jit_steps(
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        with_mesh(functools.partial(eval_step, graphdef=graphdef)),
+        with_mesh(functools.partial(eval_step, graphdef=graphdef, loss_chunk=cfg.train.loss_chunk)),
         in_shardings=(state_shardings, data),
     )
     return train, evaluate
