@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -35,6 +34,7 @@ from jaxformer.data import text_files
 from jaxformer.data.errors import DataError
 from jaxformer.data.pipeline import (
     _MIN_SHUFFLE_WINDOW,
+    RecordSource,
     _MaskRow,
     _seeds,
     _tfds_source,
@@ -292,20 +292,6 @@ def stdlib_package_examples(
     return tuple(examples)
 
 
-class _ExampleSource:
-    """Random access over (text, label) tuples, as grain dicts."""
-
-    def __init__(self, examples: Sequence[tuple[str, int]]) -> None:
-        self._examples = examples
-
-    def __len__(self) -> int:
-        return len(self._examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        text, label = self._examples[index]
-        return {"text": text, "text_pair": None, "label": label}
-
-
 def _as_text(value: Any) -> str:
     if isinstance(value, np.ndarray):
         value = value.item()
@@ -371,7 +357,8 @@ def load_examples(
         examples = stdlib_package_examples(
             float(data_cfg.get("eval_fraction", 0.02)), split, max_chars
         )
-        return grain.MapDataset.source(_ExampleSource(examples))
+        rows = [(text, None, label) for text, label in examples]
+        return grain.MapDataset.source(RecordSource(rows, ("text", "text_pair", "label")))
     if name == "tfds":
         return _tfds_examples(data_cfg, split, num_labels)
     raise DataError(

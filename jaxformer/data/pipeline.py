@@ -216,6 +216,21 @@ def _seeds(seed: int, n: int) -> list[int]:
     return [int(s) % 2**31 for s in state]
 
 
+class RecordSource:
+    """Random access over in-memory tuples, each given to grain as a dict of ``keys``:
+    the source of the built-in tasks that are generated, not read (reverse_words pairs,
+    stdlib_packages examples)."""
+
+    def __init__(self, rows: Sequence[tuple], keys: tuple[str, ...]) -> None:
+        self._rows, self._keys = rows, keys
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return dict(zip(self._keys, self._rows[index], strict=True))
+
+
 def to_iter(records: grain.MapDataset) -> grain.IterDataset:
     """Random-access records -> a stream read ahead by a few threads."""
     threads = max(1, min(8, os.cpu_count() or 1))

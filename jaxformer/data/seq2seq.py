@@ -36,6 +36,7 @@ from jaxformer.data.errors import DataError, MissingDataError
 from jaxformer.data.objectives import span_corrupt
 from jaxformer.data.pipeline import (
     BATCH_KEYS,
+    RecordSource,
     _local_data_dir,
     _seeds,
     _tfds_source,
@@ -123,20 +124,6 @@ def _reverse_words_pairs(
     return tuple((s, reverse_words_target(s)) for s in sources)
 
 
-class _PairSource:
-    """Random access over a tuple of (source, target) strings, as grain dicts."""
-
-    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
-        self._pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def __getitem__(self, index: int) -> dict[str, str]:
-        source, target = self._pairs[index]
-        return {"source": source, "target": target}
-
-
 def reverse_words_pairs(
     data_cfg: Any, split: str, *, max_chars: int | None = None
 ) -> tuple[tuple[str, str], ...]:
@@ -216,7 +203,7 @@ def load_pairs(data_cfg: Any, split: str, *, max_chars: int | None = None) -> gr
     name = data_cfg.get("name", "")
     if name == "reverse_words":
         pairs = reverse_words_pairs(data_cfg, split, max_chars=max_chars)
-        return grain.MapDataset.source(_PairSource(pairs))
+        return grain.MapDataset.source(RecordSource(pairs, ("source", "target")))
     if name == "tfds":
         return _tfds_pairs(data_cfg, split)
     raise DataError(
