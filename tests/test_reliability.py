@@ -24,7 +24,7 @@ from jaxformer.config import ConfigError, load_config
 from jaxformer.train import guard as guard_lib
 from jaxformer.train import loop
 from jaxformer.train.checkpoint import DAMAGED_DIR, Checkpointer
-from jaxformer.train.errors import EXIT_PREEMPTED, BadSteps
+from jaxformer.train.errors import EXIT_PREEMPTED, BadSteps, CheckpointError
 from jaxformer.train.logs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,6 +200,19 @@ def test_damaged_checkpoint_is_moved_aside_and_the_previous_one_restored(
     assert run.restored_step == 2
     assert "checkpoint step 4" in caplog.text and "falling back to step 2" in caplog.text
     assert [p.name.split("-")[0] for p in (run_dir / DAMAGED_DIR).iterdir()] == ["4"]
+
+
+def test_all_checkpoints_damaged_is_an_error_not_a_silent_restart(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    for step in (2, 4):
+        files = [p for p in (run_dir / f"checkpoints/{step}/state").rglob("*") if p.is_file()]
+        max(files, key=lambda p: p.stat().st_size).unlink()
+    with pytest.raises(CheckpointError, match="every checkpoint .* was damaged"):
+        loop.setup(_tiny(run_dir, 4))
+    assert sorted(p.name.split("-")[0] for p in (run_dir / DAMAGED_DIR).iterdir()) == ["2", "4"]
 
 
 def test_shape_changing_config_fails_naming_keys_and_safe_change_is_logged(

@@ -131,24 +131,30 @@ class Checkpointer:
         for i, step in enumerate(reversed(steps)):
             if check is not None:
                 check(step)
+            error: Exception | None = None
             try:
-                return self.restore(step, abstract_state)
+                restored = self.restore(step, abstract_state)
             except Exception as err:  # noqa: BLE001 - any failure to read means damage
-                older = steps[-i - 2] if i + 1 < len(steps) else None
-                where = self.quarantine(step)
-                fallback = f"falling back to step {older}" if older is not None else (
-                    "no older checkpoint is left; starting from scratch"
-                )  # fmt: skip
-                log.warning(
-                    "checkpoint step %d in %s is damaged and cannot be restored (%s: %s); "
-                    "moved it to %s; %s",
-                    step, self.directory, type(err).__name__, _first_line(err), where, fallback,
-                )  # fmt: skip
-                if older is None:
-                    raise CheckpointError(
-                        f"every checkpoint in {self.directory} was damaged and has been "
-                        f"moved to {where.parent}; run again to train from scratch"
-                    ) from err
+                error = err
+            if _all_processes_agree(error is None):
+                return restored
+            if error is None:  # this process read its shards; another could not
+                error = CheckpointError("another process could not read its shards")
+            older = steps[-i - 2] if i + 1 < len(steps) else None
+            where = self.quarantine(step)
+            fallback = f"falling back to step {older}" if older is not None else (
+                "no older checkpoint is left"
+            )  # fmt: skip
+            log.warning(
+                "checkpoint step %d in %s is damaged and cannot be restored (%s: %s); "
+                "moved it to %s; %s",
+                step, self.directory, type(error).__name__, _first_line(error), where, fallback,
+            )  # fmt: skip
+            if older is None:
+                raise CheckpointError(
+                    f"every checkpoint in {self.directory} was damaged and has been "
+                    f"moved to {where.parent}; run again to train from scratch"
+                ) from error
         return None
 
     def quarantine(self, step: int) -> Path:
@@ -249,6 +255,16 @@ def check_resume(cfg: Any, checkpointer: Checkpointer, abstract_state: Any, step
             "resuming from step %d with config keys changed (array shapes unchanged, "
             "allowed): %s", step, shown,
         )  # fmt: skip
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True only if ``ok`` on every process: they fall back together or not at all."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _first_line(err: BaseException) -> str:
