@@ -320,6 +320,7 @@ def _single_device(cfg):
 DENSE_METRICS = {"loss", "nll", "accuracy", "grad_norm", "lr", "tokens"} | {
     "skipped",
     "bad_in_a_row",
+    "longest_in_a_row",
     "nonfinite_total",
     "spikes_total",  # the bad-step guard
 }
