@@ -40,6 +40,10 @@ class FlopCount:
         """The 6N approximation (Kaplan et al.) with N the non-embedding parameters."""
         return 6 * self.non_embedding_params
 
+    def train_flops(self, tokens: int | float) -> float:
+        """Compute C of training on ``tokens`` tokens: what scaling sweeps budget and fit."""
+        return float(self.train_flops_per_token) * tokens
+
 
 def count(model_cfg: Any, seq_len: int) -> FlopCount:
     """Counts a config's model (``cfg.model``) analytically, without building it."""

@@ -363,8 +363,12 @@ def _stacked(state):
 @pytest.mark.parametrize(
     ("remat", "scan"),
     [
-        ("full", True), ("dots", True), ("dots_no_batch", True), ("qkv", True),
-        ("none", False), ("full", False),
+        ("full", True),
+        ("dots", True),
+        ("dots_no_batch", True),
+        ("qkv", True),
+        ("none", False),
+        ("full", False),
     ],
 )
 def test_remat_gives_same_loss_and_grads(make_config, remat_reference, remat, scan):
