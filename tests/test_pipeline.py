@@ -35,7 +35,8 @@ def _batch(make_batch):
 
 
 def _loss_fn(logits, batch):
-    return cross_entropy(logits, batch["targets"], batch["weights"])
+    # As the train step's pipeline branch does: no gather inside the stage shard_map.
+    return cross_entropy(logits, batch["targets"], batch["weights"], select_by_mask=True)
 
 
 def _max_rel(a, b):

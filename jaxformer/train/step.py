@@ -111,15 +111,18 @@ def abstract_state(
 
 
 def _token_loss(
-    cfg: Any, logits: jax.Array, batch: Batch
+    cfg: Any, logits: jax.Array, batch: Batch, *, in_pipeline: bool = False
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The summed token loss and statistics of a batch's logits (label smoothing, z-loss)."""
+    """The summed token loss and statistics of a batch's logits (label smoothing, z-loss).
+    Inside a pipeline stage the target logits are selected without a gather (see
+    ``cross_entropy``'s ``select_by_mask``)."""
     return cross_entropy(
         logits,
         batch["targets"],
         batch["weights"],
         label_smoothing=cfg.train.label_smoothing,
         z_loss=cfg.train.z_loss,
+        select_by_mask=in_pipeline,
     )
 
 
@@ -178,7 +181,7 @@ def train_step(
     if pipeline.stages() > 1:  # the pipeline runs the microbatches and computes gradients
         (loss_sum, stats), grads = pipeline.loss_and_grads(
             graphdef, state.params, _microbatched(batch, n), key, cfg,
-            functools.partial(_token_loss, cfg),
+            functools.partial(_token_loss, cfg, in_pipeline=True),
         )  # fmt: skip
     elif n == 1:
         (loss_sum, stats), grads = _loss_and_grads(graphdef, state.params, batch, key, cfg)
