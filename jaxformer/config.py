@@ -264,32 +264,33 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         target[leaf] = _check_type(key, value, target[leaf])
 
 
-def _run_get_config(path: str) -> ml_collections.ConfigDict:
-    """Runs ``get_config([arg])`` of the file ``path[:arg]``, unchecked."""
+def run_get_config(path: str, what: str = "config file") -> ml_collections.ConfigDict:
+    """Runs ``get_config([arg])`` of the file ``path[:arg]``, unchecked; errors name the
+    file as ``what`` (experiment configs, sweep specs)."""
     file, _, arg = path.partition(":")
     if not Path(file).is_file():
-        raise ConfigError(f"config file '{file}' does not exist")
+        raise ConfigError(f"{what} '{file}' does not exist")
     spec = importlib.util.spec_from_file_location(f"jaxformer_config_{Path(file).stem}", file)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file '{file}' defines no get_config()")
+        raise ConfigError(f"{what} '{file}' defines no get_config()")
     try:
         return module.get_config(arg) if arg else module.get_config()
     except (TypeError, AttributeError, KeyError) as err:  # ml_collections' type checks
-        raise ConfigError(f"config file '{file}': {err}") from err
+        raise ConfigError(f"{what} '{file}': {err}") from err
 
 
 def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
     """For a config file that names a preset defined in another file of its folder:
     ``sibling_config(__file__, "gpt2.py:124m")``."""
-    return _run_get_config(str(Path(config_file).with_name(name)))
+    return run_get_config(str(Path(config_file).with_name(name)))
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads ``get_config()`` from ``path[:arg]``, applies overrides and checks types."""
-    cfg = _run_get_config(path)
+    cfg = run_get_config(path)
     cfg = check_schema(cfg)
     cfg.unlock()
     apply_overrides(cfg, overrides)

@@ -111,7 +111,8 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     }
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """The checkout's short commit, with +dirty for uncommitted tracked changes."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{jax.device_count()}x {device.device_kind} ({device.platform}), jax {jax.__version__}"
     )
     date = datetime.date.today().isoformat()
-    commit = _commit()
+    commit = git_commit()
     rows = []
     for config, overrides in runs:
         r = bench(config, overrides, args.steps, args.warmup)

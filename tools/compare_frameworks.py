@@ -214,26 +214,6 @@ def _versions(python: str, names: tuple[str, ...]) -> dict[str, str]:
         return {n: "unknown" for n in names}
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -865,13 +845,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total wall time {wall:.0f} s")
 
     if args.write:
+        # tools/ is this script's directory, so on sys.path; benchmark.py imports jax, so
+        # only here, once the runs are done.
+        from benchmark import git_commit
+
         command = "python tools/compare_frameworks.py " + shlex.join(argv)
         section = [
             f"\n## Side by side on CPU, {datetime.datetime.now():%Y-%m-%d %H:%M}\n",
             f"- machine: {_machine()}; load average (1/5/15 min) "
             f"{' '.join(f'{x:.1f}' for x in load_before)} at the start, "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
-            f"- jaxformer commit: {_commit()}",
+            f"- jaxformer commit: {git_commit()}",
             f"- command: `{command}` ({wall:.0f} s wall)",
             f"- shape: vocab {shape.vocab}, d_model {shape.d_model}, {shape.layers} layers, "
             f"{shape.heads} heads x {shape.head_dim}, SwiGLU d_ff {shape.d_ff}, "

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from jaxformer.config import ConfigError
+from jaxformer.config import ConfigError, run_get_config
 from jaxformer.scaling.shapes import ShapeRule
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -153,15 +152,7 @@ def resolve_config_path(path: str) -> Path:
 def load_spec(path: str | Path) -> ml_collections.ConfigDict:
     """Runs the spec file's ``get_config()`` and checks it; ``name`` defaults to the file's."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"sweep spec '{file}' does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"jaxformer_sweep_{file.stem}", file)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"sweep spec '{file}' defines no get_config()")
-    raw: Any = module.get_config()
+    raw: Any = run_get_config(str(file), what="sweep spec")
     spec = check_spec(ml_collections.ConfigDict(raw))
     if not spec.name:
         spec.name = file.stem
