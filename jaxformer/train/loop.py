@@ -329,7 +329,6 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                     "tflops_per_device": model_flops / jax.device_count() / 1e12,
                     "mfu": model_flops / (peak * jax.device_count()),
                 }
-                goodput.charge("step")
                 logger.write(step, "train", values)
                 logger.write(step, "goodput", goodput.metrics())
                 goodput.write_ledger(step)
