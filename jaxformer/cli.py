@@ -21,6 +21,7 @@ from typing import Any
 
 from jaxformer.config import ConfigError, load_config
 from jaxformer.data.errors import DataError
+from jaxformer.hardware import keep_host_memory
 from jaxformer.train.errors import (
     EXIT_BAD_STEPS,
     EXIT_PREEMPTED,
@@ -139,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args, rest = _parser().parse_known_args(argv)
+    keep_host_memory()  # before XLA's threads and buffers exist (jaxformer/hardware.py)
     try:
         if args.command in ("sweep", "checkpoints"):
             from jaxformer.scaling import cli as sweep_cli

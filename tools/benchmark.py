@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
+    hardware.keep_host_memory()  # as `jaxformer train` does (JAXFORMER_KEEP_HOST_MEMORY=0: off)
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognised arguments: {unknown}")

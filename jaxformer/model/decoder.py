@@ -24,10 +24,14 @@ from jaxformer.model.layers import (
 from jaxformer.model.moe import MoEMLP, reduce_layers
 from jaxformer.parallel import constrain
 
+_policies = jax.checkpoint_policies
+_dense_outputs = _policies.save_only_these_names("dense")  # layers.Dense's products
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _dense_outputs),
+    "dots_no_batch": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _dense_outputs
+    ),
     # Only the attention projections (named in layers.Attention._qkv): the MLP, the
     # attention scores and the norms are recomputed; q, k and v are not.
     "qkv": jax.checkpoint_policies.save_only_these_names("query", "key", "value"),

@@ -1,0 +1,112 @@
+"""The speed work keeps the math: the weight-gradient order of Dense, the remat policies
+that must still see Dense's products, and the host allocator settings."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxformer.model import DecoderLM, ModelConfig
+from jaxformer.model.layers import contract_last
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "n"),
+    [
+        ((2, 5, 8), (8, 12), 1),  # [B, L, D] x [D, F]
+        ((2, 5, 8), (8, 3, 4), 1),  # [B, L, D] x [D, H, Dh]: the q/k/v projections
+        ((2, 5, 3, 4), (3, 4, 8), 2),  # [B, L, H, Dh] x [H, Dh, D]: the output projection
+    ],
+)
+def test_contract_last_matches_dot_general_and_its_gradients(x_shape, w_shape, n):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=x_shape[: len(x_shape) - n] + w_shape[n:]), jnp.float32)
+
+    def reference(x, w):
+        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        return jax.lax.dot_general(x, w, (contract, ((), ())))
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jnp.sin(fn(x, w)) * probe)
+
+    want = jax.grad(loss(reference), argnums=(0, 1))(x, w)
+    got = jax.grad(loss(lambda x, w: contract_last(x, w, n)), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(contract_last(x, w, n), reference(x, w), rtol=1e-6)
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    # bfloat16 compute: gradients come back in each operand's dtype.
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    gx, gw = jax.grad(loss(lambda x, w: contract_last(x, w, n)), argnums=(0, 1))(xb, wb)
+    assert gx.dtype == gw.dtype == jnp.bfloat16
+
+
+def _train_flops(make_config, remat: str) -> float:
+    """XLA's FLOP count of one forward + backward of a small decoder under ``remat``."""
+    cfg = make_config({"model.remat": remat, "model.d_model": 64, "model.d_ff": 256})
+    model = DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(params=0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jnp.ones((4, 16), jnp.int32)
+    positions = jnp.tile(jnp.arange(16, dtype=jnp.int32), (4, 1))
+
+    def loss(p):
+        return nnx.merge(graphdef, p)(tokens, jnp.ones_like(tokens), positions).sum()
+
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    return compiled.cost_analysis()["flops"]
+
+
+def test_dots_remat_policies_still_save_dense_products(make_config):
+    """Dense's custom gradient hides its dot_general from jax's dot policies; the layers
+    name its product so that "dots" and "dots_no_batch" still keep it (not recompute it)."""
+    none, full = _train_flops(make_config, "none"), _train_flops(make_config, "full")
+    dots, no_batch = _train_flops(make_config, "dots"), _train_flops(make_config, "dots_no_batch")
+    assert full > 1.2 * none  # full remat recomputes the whole forward
+    assert dots == pytest.approx(none, rel=0.02)  # every product saved
+    # Attention's batched products are recomputed, the projections and MLP are not.
+    assert none < no_batch < none + 0.5 * (full - none)
+
+
+ALLOCATE_TWICE = textwrap.dedent(
+    """
+    import ctypes, resource
+    from jaxformer.hardware import keep_host_memory
+    print(keep_host_memory())
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    faults = []
+    for _ in range(3):  # malloc as XLA:CPU does (numpy would ask for huge pages)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(256 * 2**20)
+        ctypes.memset(block, 1, 256 * 2**20)  # touch every page
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(faults)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_keep_host_memory_reuses_freed_pages(keep):
+    """A freed 256 MiB block is reused without page faults (~65,000 4 KiB pages each time
+    without it: what every XLA:CPU step paid for its buffers)."""
+    env = {"JAXFORMER_KEEP_HOST_MEMORY": keep, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", ALLOCATE_TWICE], env=env, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    applied, faults = out[0] == "True", eval(out[1])
+    pages = 256 * 2**20 // 4096
+    assert applied == (keep == "1")
+    if applied:
+        assert max(faults[1:]) < pages // 100, faults
+    else:
+        assert min(faults[1:]) > pages // 2, faults
