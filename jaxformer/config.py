@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0
     m.scan_layers = True
     m.remat = "none"  # none | full | dots | dots_no_batch | qkv (docs/performance.md)
-    m.attention_impl = "einsum"  # einsum (reference) | dot_product (jax.nn, cuDNN on GPU)
+    # einsum (reference) | dot_product (jax.nn, cuDNN on GPU) | splash (Pallas, TPU, decoders)
+    m.attention_impl = "einsum"
     m.sliding_window = 0  # attend only to the last N positions; 0 = unlimited
     m.moe_experts = 0  # experts per MoE MLP; 0 = dense MLP
     m.moe_top_k = 2  # experts each token is routed to
@@ -172,7 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.family": ("decoder", "encoder_decoder", "bert", "t5"),
     "model.position": ("rope", "learned", "sinusoidal", "alibi", "none"),
-    "model.attention_impl": ("einsum", "dot_product"),
+    "model.attention_impl": ("einsum", "dot_product", "splash"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("swiglu", "geglu", "gelu", "gelu_exact", "relu"),
@@ -426,6 +427,29 @@ def _validate_pipeline(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
         )
 
 
+def _validate_splash(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> None:
+    """What the Pallas splash kernel (jaxformer/model/splash_attention.py) cannot run."""
+    m = cfg.model
+    if m.attention_impl != "splash":
+        return
+    problem = None
+    if m.family != "decoder":
+        problem = f"is wired for decoders only (model.family={m.family!r})"
+    elif m.position == "alibi":
+        problem = "takes no logit bias (model.position='alibi')"
+    elif cfg.data.seq_len % 128:
+        problem = f"needs data.seq_len a multiple of 128 (got {cfg.data.seq_len})"
+    elif mesh["sequence"] > 1:
+        problem = "does not split the sequence (mesh.sequence > 1: ring attention does)"
+    elif mesh["stage"] > 1:
+        problem = "is not wired into pipeline stages (mesh.stage > 1)"
+    if problem:
+        raise ConfigError(
+            f"config key 'model.attention_impl'='splash' {problem}; "
+            "use model.attention_impl=dot_product or einsum"
+        )
+
+
 def validate(
     cfg: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, num_slices: int = 1
 ) -> dict[str, int]:
@@ -473,6 +497,7 @@ def validate(
         )
     if m.position == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
         raise ConfigError("config key 'model.head_dim' must be even for RoPE")
+    _validate_splash(cfg, mesh)
     if m.moe_experts and m.moe_experts % mesh["expert"]:
         raise ConfigError(
             f"config key 'mesh.expert' ({mesh['expert']}) must divide model.moe_experts "

@@ -252,8 +252,9 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
             embed_key, block_key = jax.random.split(dropout_key)
         x_BxLxD = self._embed(inputs_BxL, positions_BxL, embed_key)
         mask_BxLxS = self_attention_mask(
-            segment_ids_BxL, positions_BxL, causal=True, window=self.cfg.sliding_window
-        )
+            segment_ids_BxL, positions_BxL, causal=True, window=self.cfg.sliding_window,
+            keep_unbuilt=self.cfg.attention_impl == "splash",
+        )  # fmt: skip
         x_BxLxD, aux, captured = self._run_blocks(
             x_BxLxD, mask_BxLxS, positions_BxL, block_key, capture
         )

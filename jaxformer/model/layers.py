@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxformer.model.splash_attention import splash_attention
 from jaxformer.parallel import constrain, ring_attention, sequence_sharded
 
 Axes = tuple[str | None, ...]
@@ -213,12 +214,20 @@ class SegmentMask:
 
 
 def self_attention_mask(
-    segment_ids_BxL: jax.Array, positions_BxL: jax.Array, causal: bool, window: int = 0
+    segment_ids_BxL: jax.Array,
+    positions_BxL: jax.Array,
+    causal: bool,
+    window: int = 0,
+    *,
+    keep_unbuilt: bool = False,
 ) -> jax.Array | SegmentMask:
     """The mask a stack's layers share, built once outside the layer loop; left unbuilt
-    (a :class:`SegmentMask`) only when sequence parallelism will build it block by block."""
+    (a :class:`SegmentMask`) when sequence parallelism will build it block by block, or
+    when ``keep_unbuilt`` (the splash kernel builds its own from the segment ids)."""
     mask = SegmentMask(segment_ids_BxL, positions_BxL, causal=causal, window=window)
-    return mask if sequence_sharded(segment_ids_BxL.shape[1]) else mask.dense()
+    if keep_unbuilt or sequence_sharded(segment_ids_BxL.shape[1]):
+        return mask
+    return mask.dense()
 
 
 def segments_and_positions(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -285,8 +294,9 @@ def dot_product_attention(
     ``jax.nn.dot_product_attention``, which picks cuDNN's fused kernel on GPUs when the
     shapes allow and XLA elsewhere. ``return_probs`` (introspection) also returns the
     float32 probabilities ``[B, H, L, S]``, which only the einsum path materialises.
-    A :class:`SegmentMask` whose length the active mesh splits runs ring attention
-    (jaxformer.parallel.ring_attention) instead.
+    ``splash`` runs the Pallas splash kernel (TPU; jaxformer/model/splash_attention.py)
+    on a :class:`SegmentMask`. A :class:`SegmentMask` whose length the active mesh splits
+    runs ring attention (jaxformer.parallel.ring_attention) instead.
     """
     if isinstance(mask_BxLxS, SegmentMask):
         if not return_probs and sequence_sharded(q_BxLxHxDh.shape[1]):
@@ -294,6 +304,11 @@ def dot_product_attention(
                 q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS.segment_ids_BxL,
                 mask_BxLxS.positions_BxL, bias_BxHxLxS, causal=mask_BxLxS.causal,
                 window=mask_BxLxS.window, scale=scale,
+            )  # fmt: skip
+        if implementation == "splash" and not return_probs:
+            return splash_attention(
+                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS.segment_ids_BxL, bias_BxHxLxS,
+                causal=mask_BxLxS.causal, window=mask_BxLxS.window, scale=scale,
             )  # fmt: skip
         mask_BxLxS = mask_BxLxS.dense()
     h, kv = q_BxLxHxDh.shape[2], k_BxSxKxDh.shape[2]
