@@ -13,6 +13,10 @@ Exit codes: 0 done, 2 bad config/data/checkpoint, 3 too many bad steps in a row,
 
 from __future__ import annotations
 
+from jaxformer.host import keep_host_memory
+
+keep_host_memory()  # first, while the process has one thread (jaxformer/host.py)
+
 import argparse
 import logging
 import sys
@@ -21,7 +25,6 @@ from typing import Any
 
 from jaxformer.config import ConfigError, load_config
 from jaxformer.data.errors import DataError
-from jaxformer.hardware import keep_host_memory
 from jaxformer.train.errors import (
     EXIT_BAD_STEPS,
     EXIT_PREEMPTED,
@@ -140,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args, rest = _parser().parse_known_args(argv)
-    keep_host_memory()  # before XLA's threads and buffers exist (jaxformer/hardware.py)
     try:
         if args.command in ("sweep", "checkpoints"):
             from jaxformer.scaling import cli as sweep_cli

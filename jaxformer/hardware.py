@@ -1,13 +1,8 @@
-"""The machine: peak FLOP/s of the devices MFU is measured against, and the host
-allocator settings that keep XLA:CPU's buffers from being page-faulted in every step."""
+"""Peak FLOP/s of the devices MFU is measured against."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
-import os
-import platform
 import time
 
 import jax
@@ -60,33 +55,3 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     if peak is not None:
         return peak, f"{device.device_kind} datasheet bf16"
     return measured_matmul_peak(dtype), f"measured 2048^3 {dtype} matmul on {device.platform}"
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def keep_host_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
-
-    XLA:CPU allocates each step's buffers (hundreds of MiB to GiB) afresh. By default glibc
-    serves blocks over 32 MiB with ``mmap`` and unmaps them on free, and trims its heaps,
-    so the kernel zero-fills every page of them again in the next step: on the 2-core
-    development machine a 100M-parameter model spent ~2.4 million page faults and ~4 s of
-    system time per step (docs/performance.md). One arena, no ``mmap`` and no trimming
-    make the second step reuse the first step's pages. The process keeps its peak heap,
-    which the next step needs anyway. Call before the first large allocation (the CLI and
-    tools/benchmark.py do); ``JAXFORMER_KEEP_HOST_MEMORY=0`` turns it off. Returns whether
-    it was applied (glibc on Linux only).
-    """
-    if os.environ.get("JAXFORMER_KEEP_HOST_MEMORY", "1") == "0":
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    # mallopt takes an int; glibc stores the trim threshold as size_t, so -1 is "never".
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    applied = all(libc.mallopt(param, value) == 1 for param, value in settings)
-    if not applied:
-        logging.warning("mallopt refused the host-memory settings; buffers may page-fault")
-    return applied

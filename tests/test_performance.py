@@ -77,7 +77,7 @@ def test_dots_remat_policies_still_save_dense_products(make_config):
 ALLOCATE_TWICE = textwrap.dedent(
     """
     import ctypes, resource
-    from jaxformer.hardware import keep_host_memory
+    from jaxformer.host import keep_host_memory
     print(keep_host_memory())
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p

@@ -13,6 +13,10 @@ and on accelerators the allocator's peak; on CPU the process's peak RSS).
 
 from __future__ import annotations
 
+from jaxformer.host import keep_host_memory
+
+keep_host_memory()  # first, while the process has one thread (as `jaxformer train` does)
+
 import argparse
 import datetime
 import resource
@@ -150,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
-    hardware.keep_host_memory()  # as `jaxformer train` does (JAXFORMER_KEEP_HOST_MEMORY=0: off)
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognised arguments: {unknown}")
