@@ -150,6 +150,12 @@ class Collective:
     bytes: int  # per execution, by the convention in the module docstring
     group_size: int | None  # devices taking part (None: not parsed)
     executions: int  # per step: the product of the trip counts of the loops around it
+    # Where each buffer of ``shapes`` comes from, for attributing bytes to model code: the
+    # JAX op_name of the instruction that made it (the gathered weight's consumer for an
+    # all-gather, the operand's producer otherwise; "transpose(...)" marks the backward
+    # pass) and the jaxformer functions on its Python stack, outermost first.
+    op_names: tuple[str, ...] = ()
+    functions: tuple[tuple[str, ...], ...] = ()
 
     @property
     def bytes_per_step(self) -> int:
@@ -318,6 +324,54 @@ def _executions(instructions: list[_Instruction], entry: str) -> tuple[dict[str,
     return {ins.computation: runs(ins.computation) for ins in instructions}, unknown
 
 
+_METADATA = re.compile(r'metadata=\{[^}]*?op_name="([^"]*)"(?:[^}]*?stack_frame_id=(\d+))?')
+_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+_JAXFORMER_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _stack_frames(text: str) -> dict[int, tuple[str, ...]]:
+    """The jaxformer functions (outermost first) of each stack frame id in the HLO text's
+    frame tables, so a collective can be traced to the model code that caused it."""
+    tables: dict[str, dict[int, str]] = {name: {} for name in _TABLES}
+    table = None
+    for line in text.splitlines():
+        if line in _TABLES:
+            table = line
+            continue
+        row = re.match(r"^(\d+) (.*)$", line) if table else None
+        if not row:
+            table = None
+            continue
+        tables[table][int(row.group(1))] = row.group(2)
+
+    def field(row: str, key: str) -> int:
+        found = re.search(rf"\b{key}=(\d+)", row)
+        return int(found.group(1)) if found else 0
+
+    files = {k: v.strip('"') for k, v in tables["FileNames"].items()}
+    names = {k: v.strip('"') for k, v in tables["FunctionNames"].items()}
+    locations = {
+        k: (files.get(field(v, "file_name_id"), ""), names.get(field(v, "function_name_id"), ""))
+        for k, v in tables["FileLocations"].items()
+    }
+    frames = tables["StackFrames"]
+
+    @functools.cache
+    def chain(frame: int) -> tuple[str, ...]:
+        if frame not in frames:
+            return ()
+        row = frames[frame]
+        # XLA 0.10.2 prints a frame's parent one above its id (a root frame has parent 1);
+        # parents come first, so requiring a smaller id also rules out cycles.
+        parent = field(row, "parent_frame_id") - 1
+        path, function = locations.get(field(row, "file_location_id"), ("", ""))
+        outer = chain(parent) if 0 < parent < frame else ()
+        mine = path.startswith(_JAXFORMER_DIR) and not path.endswith(os.sep + "plan.py")
+        return (*outer, function) if mine else outer
+
+    return {frame: chain(frame) for frame in frames}
+
+
 def collectives(hlo_text: str, num_devices: int) -> tuple[list[Collective], int]:
     """The collectives of an optimized HLO module, and the count of loops whose trip count
     XLA did not record (their collectives are counted once per loop, a lower bound)."""
@@ -329,12 +383,26 @@ def collectives(hlo_text: str, num_devices: int) -> tuple[list[Collective], int]
         if ins.opcode.endswith("-done") and ins.operands
     }
     runs, unknown = _executions(instructions, entry)
+    frames = _stack_frames(hlo_text)
+    origin: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for ins in instructions:
+        meta = _METADATA.search(ins.attrs)
+        if meta:
+            origin[ins.name] = (meta.group(1), frames.get(int(meta.group(2) or 0), ()))
 
     def operand_arrays(operands: list[str]) -> list[str]:
         out: list[str] = []
         for operand in operands:
             inline = _arrays(operand)
             out += inline or _arrays(shapes.get(operand.split()[-1].lstrip("%"), ""))
+        return out
+
+    def operand_origins(ins: _Instruction, operands: list[str]) -> list[tuple[str, tuple]]:
+        out = []
+        for operand in operands:
+            name = operand.split()[-1].lstrip("%")
+            count = len(_arrays(operand) or _arrays(shapes.get(name, "")))
+            out += [origin.get(name, origin.get(ins.name, ("", ())))] * count
         return out
 
     found: list[Collective] = []
@@ -347,10 +415,13 @@ def collectives(hlo_text: str, num_devices: int) -> tuple[list[Collective], int]
                 arrays = _arrays(done_shape.get(ins.name, ""))
             else:
                 arrays = _arrays(ins.shape)
+            origins = [origin.get(ins.name, ("", ()))] * len(arrays)
         elif kind == "collective-permute":
             arrays = operand_arrays(ins.operands[:1])
+            origins = operand_origins(ins, ins.operands[:1])
         else:
             arrays = operand_arrays(ins.operands)
+            origins = operand_origins(ins, ins.operands)
         found.append(
             Collective(
                 kind=kind,
@@ -362,6 +433,8 @@ def collectives(hlo_text: str, num_devices: int) -> tuple[list[Collective], int]
                 if kind == "collective-permute"
                 else _group_size(ins.attrs, num_devices),
                 executions=runs[ins.computation],
+                op_names=tuple(op for op, _ in origins),
+                functions=tuple(fns for _, fns in origins),
             )
         )
     return found, unknown
