@@ -13,10 +13,6 @@ Exit codes: 0 done, 2 bad config/data/checkpoint, 3 too many bad steps in a row,
 
 from __future__ import annotations
 
-from jaxformer.host import keep_host_memory
-
-keep_host_memory()  # first, while the process has one thread (jaxformer/host.py)
-
 import argparse
 import logging
 import sys
@@ -25,6 +21,7 @@ from typing import Any
 
 from jaxformer.config import ConfigError, load_config
 from jaxformer.data.errors import DataError
+from jaxformer.host import use_huge_pages
 from jaxformer.train.errors import (
     EXIT_BAD_STEPS,
     EXIT_PREEMPTED,
@@ -143,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args, rest = _parser().parse_known_args(argv)
+    if argv is None and args.command in ("train", "eval", "generate"):
+        use_huge_pages()  # re-executes this command once, with huge-page malloc (host.py)
     try:
         if args.command in ("sweep", "checkpoints"):
             from jaxformer.scaling import cli as sweep_cli

@@ -1,5 +1,5 @@
 """The speed work keeps the math: the weight-gradient order of Dense, the remat policies
-that must still see Dense's products, and the host allocator settings."""
+that must still see Dense's products; and the huge-page malloc of the entry points."""
 
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxformer.host import huge_pages_supported
 from jaxformer.model import DecoderLM, ModelConfig
 from jaxformer.model.layers import contract_last
 
@@ -74,39 +75,43 @@ def test_dots_remat_policies_still_save_dense_products(make_config):
     assert none < no_batch < none + 0.5 * (full - none)
 
 
-ALLOCATE_TWICE = textwrap.dedent(
+TOUCH_BLOCKS = textwrap.dedent(
     """
-    import ctypes, resource
-    from jaxformer.host import keep_host_memory
-    print(keep_host_memory())
+    import ctypes, os, resource, sys
+    from jaxformer.host import use_huge_pages
+    use_huge_pages()  # re-executes this script unless there is nothing to do
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     faults = []
-    for _ in range(3):  # malloc as XLA:CPU does (numpy would ask for huge pages)
+    for _ in range(3):  # malloc as XLA:CPU does (numpy would ask for huge pages itself)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         block = libc.malloc(256 * 2**20)
         ctypes.memset(block, 1, 256 * 2**20)  # touch every page
         libc.free(block)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(faults)
+    print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), faults)
     """
 )
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
-@pytest.mark.parametrize("keep", ["1", "0"])
-def test_keep_host_memory_reuses_freed_pages(keep):
-    """A freed 256 MiB block is reused without page faults (~65,000 4 KiB pages each time
-    without it: what every XLA:CPU step paid for its buffers)."""
-    env = {"JAXFORMER_KEEP_HOST_MEMORY": keep, "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(
-        [sys.executable, "-c", ALLOCATE_TWICE], env=env, capture_output=True, text=True, check=True
-    ).stdout.split("\n")
-    applied, faults = out[0] == "True", eval(out[1])
+@pytest.mark.skipif(not huge_pages_supported(), reason="needs glibc >= 2.35 and THP madvise")
+@pytest.mark.parametrize("enabled", ["1", "0"])
+def test_use_huge_pages_reexecutes_with_huge_page_malloc(enabled):
+    """The entry points re-execute once with glibc.malloc.hugetlb=1; a 256 MiB block then
+    faults in ~128 huge pages instead of 65,536 small ones (what every XLA:CPU step paid
+    for each of its large buffers)."""
+    env = {"JAXFORMER_HUGE_PAGES": enabled, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TOUCH_BLOCKS], env=env, stdout=subprocess.PIPE, text=True
+    )
+    out, _ = proc.communicate(timeout=120)
+    pid, tunables, faults = out.split(" ", 2)
+    assert int(pid) == proc.pid  # execve: the same process, not a child
     pages = 256 * 2**20 // 4096
-    assert applied == (keep == "1")
-    if applied:
-        assert max(faults[1:]) < pages // 100, faults
+    if enabled == "1":
+        assert tunables == "glibc.malloc.hugetlb=1"
+        assert max(eval(faults)) < pages // 50, faults
     else:
-        assert min(faults[1:]) > pages // 2, faults
+        assert tunables == ""
+        assert min(eval(faults)) > pages // 2, faults

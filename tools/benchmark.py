@@ -13,10 +13,6 @@ and on accelerators the allocator's peak; on CPU the process's peak RSS).
 
 from __future__ import annotations
 
-from jaxformer.host import keep_host_memory
-
-keep_host_memory()  # first, while the process has one thread (as `jaxformer train` does)
-
 import argparse
 import datetime
 import resource
@@ -32,6 +28,7 @@ import numpy as np
 
 from jaxformer import flops, hardware, parallel
 from jaxformer.config import load_config, validate
+from jaxformer.host import use_huge_pages
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.step import init_state, jit_steps
 
@@ -152,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="add rows to BENCHMARKS.md")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    if argv is None:
+        use_huge_pages()  # as `jaxformer train` does (jaxformer/host.py); returns if done
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]

@@ -194,23 +194,31 @@ def attention_mask(
 
 @flax.struct.dataclass
 class SegmentMask:
-    """A self-attention mask not yet built: :func:`attention_mask`'s arguments.
+    """A self-attention mask as :func:`attention_mask`'s arguments, with the dense
+    ``[B, L, L]`` mask built once for all layers (``dense_BxLxL``) unless sequence
+    parallelism or the splash kernel build theirs from the segment ids themselves.
 
-    Under sequence parallelism each device builds only the blocks it attends from the
-    segment ids and positions (ring attention), never the whole ``[B, L, L]`` mask;
-    every other path calls :meth:`dense`.
+    Causal masks here are causal in token order as well as in positions, so the einsum
+    path may skip the key blocks after each query block (:func:`causal_blocks`).
     """
 
     segment_ids_BxL: jax.Array
     positions_BxL: jax.Array
     causal: bool = flax.struct.field(pytree_node=False, default=True)
     window: int = flax.struct.field(pytree_node=False, default=0)
+    dense_BxLxL: jax.Array | None = None
 
     def dense(self) -> jax.Array:
-        return attention_mask(
+        if self.dense_BxLxL is not None:
+            return self.dense_BxLxL
+        mask_BxLxL = attention_mask(
             self.segment_ids_BxL, self.causal, positions_BxL=self.positions_BxL,
             window=self.window,
         )  # fmt: skip
+        if self.causal:  # never a later token, whatever the positions say
+            length = self.segment_ids_BxL.shape[1]
+            mask_BxLxL &= jnp.tril(jnp.ones((length, length), bool))
+        return mask_BxLxL
 
 
 def self_attention_mask(
@@ -220,14 +228,29 @@ def self_attention_mask(
     window: int = 0,
     *,
     keep_unbuilt: bool = False,
-) -> jax.Array | SegmentMask:
-    """The mask a stack's layers share, built once outside the layer loop; left unbuilt
-    (a :class:`SegmentMask`) when sequence parallelism will build it block by block, or
-    when ``keep_unbuilt`` (the splash kernel builds its own from the segment ids)."""
+) -> SegmentMask:
+    """The mask a stack's layers share, its dense form built once outside the layer loop;
+    left unbuilt when sequence parallelism will build it block by block, or when
+    ``keep_unbuilt`` (the splash kernel builds its own from the segment ids)."""
     mask = SegmentMask(segment_ids_BxL, positions_BxL, causal=causal, window=window)
     if keep_unbuilt or sequence_sharded(segment_ids_BxL.shape[1]):
         return mask
-    return mask.dense()
+    return mask.replace(dense_BxLxL=mask.dense())
+
+
+def causal_blocks(length: int, window: int = 0) -> list[tuple[int, int, int]]:
+    """``(query_start, query_end, key_start)`` of the query blocks a causal self-attention
+    of ``length`` is computed in, each against keys ``[key_start, query_end)``: the keys
+    after a block (and, with a sliding ``window``, those too far before it) are masked
+    for every query in it, so their scores are never computed. About 8 blocks of at
+    least 128 queries: at length 512, 4 blocks compute 62% of the square."""
+    block = max(128, length // 8)
+    if length % block or length <= block:
+        return [(0, length, 0)]
+    return [
+        (start, start + block, max(0, start - window + 1) if window > 0 else 0)
+        for start in range(0, length, block)
+    ]
 
 
 def segments_and_positions(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -290,7 +313,9 @@ def dot_product_attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax(q k^T * scale + bias, masked) v with grouped KV heads.
 
-    ``einsum`` is the reference: plain XLA ops, float32 logits. ``dot_product`` calls
+    ``einsum`` is the reference: plain XLA ops, float32 logits; causal self-attention
+    (a causal :class:`SegmentMask`) runs in query blocks that skip the keys masked for a
+    whole block (:func:`causal_blocks`), the same numbers with less work. ``dot_product`` calls
     ``jax.nn.dot_product_attention``, which picks cuDNN's fused kernel on GPUs when the
     shapes allow and XLA elsewhere. ``return_probs`` (introspection) also returns the
     float32 probabilities ``[B, H, L, S]``, which only the einsum path materialises.
@@ -298,6 +323,7 @@ def dot_product_attention(
     on a :class:`SegmentMask`. A :class:`SegmentMask` whose length the active mesh splits
     runs ring attention (jaxformer.parallel.ring_attention) instead.
     """
+    blocks = None  # causal self-attention: the query blocks of causal_blocks
     if isinstance(mask_BxLxS, SegmentMask):
         if not return_probs and sequence_sharded(q_BxLxHxDh.shape[1]):
             return ring_attention(
@@ -310,6 +336,8 @@ def dot_product_attention(
                 q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS.segment_ids_BxL, bias_BxHxLxS,
                 causal=mask_BxLxS.causal, window=mask_BxLxS.window, scale=scale,
             )  # fmt: skip
+        if mask_BxLxS.causal and q_BxLxHxDh.shape[1] == k_BxSxKxDh.shape[1]:
+            blocks = causal_blocks(q_BxLxHxDh.shape[1], mask_BxLxS.window)
         mask_BxLxS = mask_BxLxS.dense()
     h, kv = q_BxLxHxDh.shape[2], k_BxSxKxDh.shape[2]
     if implementation == "dot_product" and not return_probs:
@@ -321,10 +349,39 @@ def dot_product_attention(
     if kv < h:
         # Each KV head repeated for its group of query heads: 4-D products, which XLA:CPU
         # runs 1.5-1.8x faster forward + backward than grouping the queries [B, L, K, G, Dh].
-        k_BxSxHxDh = jnp.repeat(k_BxSxKxDh, h // kv, axis=2)
-        v_BxSxHxDh = jnp.repeat(v_BxSxKxDh, h // kv, axis=2)
-    else:
-        k_BxSxHxDh, v_BxSxHxDh = k_BxSxKxDh, v_BxSxKxDh
+        k_BxSxKxDh = jnp.repeat(k_BxSxKxDh, h // kv, axis=2)
+        v_BxSxKxDh = jnp.repeat(v_BxSxKxDh, h // kv, axis=2)
+    if blocks is None or return_probs or len(blocks) == 1:
+        return _softmax_attention(
+            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias_BxHxLxS, scale, return_probs
+        )
+    outs = []
+    for start, end, key_start in blocks:
+        bias = None if bias_BxHxLxS is None else bias_BxHxLxS[..., start:end, key_start:end]
+        outs.append(
+            _softmax_attention(
+                q_BxLxHxDh[:, start:end],
+                k_BxSxKxDh[:, key_start:end],
+                v_BxSxKxDh[:, key_start:end],
+                mask_BxLxS[:, start:end, key_start:end],
+                bias,
+                scale,
+                False,
+            )  # fmt: skip
+        )
+    return jnp.concatenate(outs, axis=1)
+
+
+def _softmax_attention(
+    q_BxLxHxDh: jax.Array,
+    k_BxSxHxDh: jax.Array,
+    v_BxSxHxDh: jax.Array,
+    mask_BxLxS: jax.Array,
+    bias_BxHxLxS: jax.Array | None,
+    scale: float,
+    return_probs: bool,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The einsum reference: float32 scores and softmax, every head its own K and V."""
     att_BxHxLxS = (
         jnp.einsum("blhd,bshd->bhls", q_BxLxHxDh, k_BxSxHxDh, preferred_element_type=jnp.float32)
         * scale
