@@ -13,7 +13,13 @@ from flax import nnx
 
 from jaxformer.host import huge_pages_supported
 from jaxformer.model import DecoderLM, ModelConfig
-from jaxformer.model.layers import contract_last
+from jaxformer.model.layers import (
+    SegmentMask,
+    causal_blocks,
+    contract_last,
+    dot_product_attention,
+    self_attention_mask,
+)
 
 
 @pytest.mark.parametrize(
@@ -115,3 +121,44 @@ def test_use_huge_pages_reexecutes_with_huge_page_malloc(enabled):
     else:
         assert tunables == ""
         assert min(eval(faults)) > pages // 2, faults
+
+
+@pytest.mark.parametrize(
+    ("length", "window", "kv_heads", "with_bias"),
+    [(512, 0, 2, False), (512, 200, 4, False), (384, 0, 1, True), (256, 64, 2, True)],
+)
+def test_causal_blocks_equal_the_whole_square(length, window, kv_heads, with_bias):
+    """Causal self-attention in query blocks (keys after a block, and before its window,
+    never scored) gives the whole-square einsum's output and gradients, on packed
+    documents with padding, grouped KV heads and a logit bias."""
+    blocks = causal_blocks(length, window)
+    assert len(blocks) > 1 and blocks[-1][1] == length
+    rng = np.random.default_rng(1)
+    b, h, dh = 2, 4, 8
+    q = jnp.asarray(rng.normal(size=(b, length, h, dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, length, kv_heads, dh)), jnp.float32) for _ in "kv")
+    bias = jnp.asarray(rng.normal(size=(1, h, length, length)), jnp.float32) if with_bias else None
+    cut = length // 3
+    segments = np.ones((b, length), np.int32)
+    segments[:, cut:] = 2
+    segments[1, -20:] = 0  # padding
+    positions = np.concatenate([np.arange(cut), np.arange(length - cut)])[None].repeat(b, 0)
+    mask = self_attention_mask(jnp.asarray(segments), jnp.asarray(positions), True, window)
+    assert isinstance(mask, SegmentMask) and mask.dense_BxLxL is not None
+    # Padding queries attend to nothing; what they return is unspecified (each path
+    # spreads them over the keys it scores), so the probe ignores them.
+    probe = rng.normal(size=q.shape) * (segments > 0)[:, :, None, None]
+    probe = jnp.asarray(probe, jnp.float32)
+
+    def loss(m):
+        def f(q, k, v, bias):
+            out = dot_product_attention(q, k, v, m, bias, implementation="einsum", scale=0.3)
+            return jnp.sum(out * probe)
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3) if with_bias else (0, 1, 2))
+
+    want = loss(mask.dense())(q, k, v, bias)  # a plain array: one whole square
+    got = loss(mask)(q, k, v, bias)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
