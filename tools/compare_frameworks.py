@@ -384,6 +384,30 @@ def run_jaxformer(
     )
 
 
+def _timed_result(
+    framework: str,
+    times: dict[int, float],
+    first: int,
+    warmup: int,
+    params: re.Match | None,
+    loss: float | None,
+    missing: str,
+) -> RunResult:
+    """A peer's result from its logged ``{step: seconds}``: the steps ``warmup`` or more
+    after ``first`` are timed; none raises PeerError with ``missing``."""
+    timed = [t for step, t in sorted(times.items()) if step - first >= warmup]
+    if not timed:
+        raise PeerError(missing)
+    return RunResult(
+        framework,
+        0,
+        step_times=timed,
+        median=statistics.median(timed),
+        params=int(params[1]) if params else None,
+        loss=loss,
+    )
+
+
 # ----------------------------------------------------------------------------- MaxText
 
 MAXTEXT_STEP = re.compile(r"completed step: (\d+), seconds: ([\d.]+),.*?loss: ([\d.naif-]+)")
@@ -473,18 +497,10 @@ def run_maxtext(
     for m in MAXTEXT_STEP.finditer(text):
         times[int(m[1])] = float(m[2])
         loss = float(m[3])
-    timed = [t for step, t in sorted(times.items()) if step >= warmup]
-    if not timed:
-        raise PeerError(f"no 'completed step' lines after step {warmup} (log: {log})")
-    params = MAXTEXT_PARAMS.search(text)
-    return RunResult(
-        "maxtext",
-        0,
-        step_times=timed,
-        median=statistics.median(timed),
-        params=int(params[1]) if params else None,
-        loss=loss,
-    )
+    return _timed_result(
+        "maxtext", times, 0, warmup, MAXTEXT_PARAMS.search(text), loss,
+        f"no 'completed step' lines after step {warmup} (log: {log})",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Levanter
@@ -616,19 +632,11 @@ def run_levanter(
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     times = {int(m[1]): float(m[2]) for m in LEVANTER_STEP.finditer(text)}
     losses = {int(m[1]): float(m[2]) for m in LEVANTER_LOSS.finditer(text)}
-    first = min(times) if times else 0
-    timed = [t for step, t in sorted(times.items()) if step - first >= warmup]
-    if not timed:
-        raise PeerError(f"no 'throughput/duration' records after {warmup} steps (log: {log})")
-    params = LEVANTER_PARAMS.search(text)
-    return RunResult(
-        "levanter",
-        0,
-        step_times=timed,
-        median=statistics.median(timed),
-        params=int(params[1]) if params else None,
-        loss=losses[max(losses)] if losses else None,
-    )
+    return _timed_result(
+        "levanter", times, min(times) if times else 0, warmup,
+        LEVANTER_PARAMS.search(text), losses[max(losses)] if losses else None,
+        f"no 'throughput/duration' records after {warmup} steps (log: {log})",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- report
