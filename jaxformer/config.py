@@ -432,13 +432,18 @@ def _validate_splash(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> No
     m = cfg.model
     if m.attention_impl != "splash":
         return
+    from jaxformer.model import splash_attention  # Pallas: imported only when asked for
+
     problem = None
     if m.family != "decoder":
         problem = f"is wired for decoders only (model.family={m.family!r})"
     elif m.position == "alibi":
         problem = "takes no logit bias (model.position='alibi')"
-    elif cfg.data.seq_len % 128:
-        problem = f"needs data.seq_len a multiple of 128 (got {cfg.data.seq_len})"
+    elif cfg.data.seq_len % splash_attention.MIN_BLOCK:
+        problem = (
+            f"needs data.seq_len a multiple of {splash_attention.MIN_BLOCK} "
+            f"(got {cfg.data.seq_len})"
+        )
     elif mesh["sequence"] > 1:
         problem = "does not split the sequence (mesh.sequence > 1: ring attention does)"
     elif mesh["stage"] > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,21 @@ def datasheet_peak(device: jax.Device) -> float | None:
     return None
 
 
+def matmul_sampler(dtype: str = "float32", size: int = 2048) -> Callable[[], float]:
+    """A compiled size^3 matmul on the default device; each call times one product and
+    returns its FLOP/s. Lets a benchmark sample the peak between its timed steps."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x).lower(a).compile()
+    matmul(a).block_until_ready()
+
+    def sample() -> float:
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        return 2 * size**3 / (time.perf_counter() - start)
+
+    return sample
+
+
 @functools.cache
 def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the best of ``repeats`` jitted size^3 matmuls on the default device.
@@ -37,15 +53,8 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
     CPUs have no datasheet figure that XLA can reach, so their "peak" is what XLA itself
     achieves on a large matrix product: MFU on CPU then reads as a fraction of that.
     """
-    a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    sample = matmul_sampler(dtype, size)
+    return max(sample() for _ in range(repeats))
 
 
 def peak_flops(dtype: str = "float32") -> tuple[float, str]:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from flax import nnx
 
 from jaxformer.host import huge_pages_supported
@@ -162,3 +163,26 @@ def test_causal_blocks_equal_the_whole_square(length, window, kv_heads, with_bia
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for g, w in zip(got[1], want[1], strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_writes_a_row_with_mfu_against_the_sampled_matmul_peak(tmp_path):
+    """tools/benchmark.py end to end on a tiny model: one row in the output file, with the
+    command, and on CPU the peak taken from matmuls sampled around the timed steps."""
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import benchmark
+
+    out = tmp_path / "BENCH.md"
+    tiny = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.data.seq_len=16"]
+    args = [f"--config={REPO_ROOT / 'configs/default.py'}", *tiny, "--config.train.global_batch=8"]
+    assert benchmark.main([*args, "--steps=2", "--warmup=1", "--write", f"--output={out}"]) == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 20"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3].startswith("default.py --config.model.d_model=32")
+    assert cells[5] == "8 x 16"
+    mfu, peak = float(cells[9].rstrip("%")) / 100, cells[10]
+    assert "best of 7 2048^3 float32 matmuls between the steps on cpu" in peak
+    tflops, peak_tflops = float(cells[8]), float(peak.split()[0])
+    assert mfu == pytest.approx(tflops / peak_tflops, abs=0.002)  # cells are rounded
+    assert 0.05 < peak_tflops < 1e4  # a plausible CPU, in TFLOP/s
+    assert "python tools/benchmark.py --config=" in text

@@ -6,7 +6,8 @@
 Each config is trained for ``--warmup`` untimed steps, then ``--steps`` timed steps, each
 timed to completion. Reported: median step time and its spread, tokens/s, model TFLOP/s
 per device, MFU (FLOPs as in jaxformer/flops.py: matmuls only, 3x forward, full attention
-square; peak from the datasheet on accelerators, from a measured 2048^3 matmul on CPU),
+square; peak from the datasheet on accelerators; on CPU the best of 2048^3 matmuls timed
+before and between the timed steps),
 compile time, and peak memory (XLA's compiled estimate of arguments + temporaries + outputs,
 and on accelerators the allocator's peak; on CPU the process's peak RSS).
 """
@@ -75,6 +76,14 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
             + memory.output_size_in_bytes
             - memory.alias_size_in_bytes
         )
+    device = jax.devices()[0]
+    # On CPU the peak is a measured matmul, whose speed drifts with the machine's load
+    # and clock as much as the steps' do: sample it before and after every timed step
+    # and keep the best, so the MFU is against the fastest the machine ran in this run.
+    sample_peak = None
+    if hardware.datasheet_peak(device) is None:
+        sample_peak = hardware.matmul_sampler(cfg.model.dtype)
+    peak_samples = [sample_peak() for _ in range(3)] if sample_peak else []
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -82,12 +91,19 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
         jax.block_until_ready(metrics)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            peak_samples += [sample_peak() for _ in range(2)] if sample_peak else []
     count = flops.count(cfg.model, cfg.data.seq_len)
     step_time = statistics.median(times)
     tokens_per_sec = cfg.train.global_batch * cfg.data.seq_len / step_time
     per_device = tokens_per_sec * count.train_flops_per_token / jax.device_count()
-    peak, peak_source = hardware.peak_flops(cfg.model.dtype)
-    device = jax.devices()[0]
+    if peak_samples:
+        peak = max(peak_samples)
+        peak_source = (
+            f"best of {len(peak_samples)} 2048^3 {cfg.model.dtype} matmuls between the steps "
+            f"on {device.platform}"
+        )
+    else:
+        peak, peak_source = hardware.peak_flops(cfg.model.dtype)
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "peak_bytes_in_use" in stats:
         peak_memory = f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB allocator peak"

@@ -34,7 +34,7 @@ REMAT_POLICIES = {
     ),
     # Only the attention projections (named in layers.Attention._qkv): the MLP, the
     # attention scores and the norms are recomputed; q, k and v are not.
-    "qkv": jax.checkpoint_policies.save_only_these_names("query", "key", "value"),
+    "qkv": _policies.save_only_these_names("query", "key", "value"),
 }
 
 
