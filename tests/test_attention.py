@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import base_config
-from jaxformer.model import DecoderLM, ModelConfig
+from jaxformer.model import DecoderLM, ModelConfig, layers
 from jaxformer.model.layers import alibi_bias, alibi_slopes, attention_mask
 
 B, L, V = 2, 12, 64
@@ -99,31 +99,69 @@ def test_alibi_attention_matches_naive_reference() -> None:
     np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5)
 
 
+def _dot_product_vs_einsum(dtype: str, options: dict) -> tuple:
+    """(loss, grads) of attention_impl=dot_product and of einsum on the packed batch."""
+    tokens, segments, positions = packed_batch()
+    weights = (segments > 0).astype(jnp.float32)
+
+    def loss_and_grads(impl: str) -> tuple[jax.Array, nnx.State]:
+        graphdef, params = nnx.split(tiny_model(attention_impl=impl, dtype=dtype, **options))
+
+        def loss(p: nnx.State) -> jax.Array:
+            logits = nnx.merge(graphdef, p)(tokens, segments, positions)
+            nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)
+            return (nll[..., 0] * weights).sum()
+
+        return jax.value_and_grad(loss)(params)
+
+    return loss_and_grads("dot_product"), loss_and_grads("einsum")
+
+
+def _assert_same_loss_and_grads(got: tuple, want: tuple) -> None:
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "options",
     [{}, {"num_kv_heads": 1}, {"position": "alibi", "num_kv_heads": 2}, {"sliding_window": 4}],
 )
 def test_dot_product_attention_matches_einsum(options: dict) -> None:
-    tokens, segments, positions = packed_batch()
-    weights = (segments > 0).astype(jnp.float32)
+    _assert_same_loss_and_grads(*_dot_product_vs_einsum("float32", options))
 
-    def loss_and_grads(impl: str) -> tuple[jax.Array, nnx.State]:
-        model = tiny_model(attention_impl=impl, **options)
-        graphdef, params = nnx.split(model)
 
-        def loss(p: nnx.State) -> jax.Array:
-            logits = nnx.merge(graphdef, p)(tokens, segments, positions)
-            logp = jax.nn.log_softmax(logits)
-            nll = -jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
-            return (nll * weights).sum()
+def test_sdpa_backend_asks_for_cudnn_only_where_it_runs() -> None:
+    # jax.nn.dot_product_attention runs XLA's unfused attention unless cuDNN is named.
+    assert layers.sdpa_backend("gpu", jnp.bfloat16, 128) == "cudnn"
+    assert layers.sdpa_backend("gpu", "float16", 64) == "cudnn"
+    assert layers.sdpa_backend("gpu", "float32", 64) == "xla"  # cuDNN's kernel: 16-bit
+    assert layers.sdpa_backend("gpu", jnp.bfloat16, 100) == "xla"  # not a multiple of 8
+    assert layers.sdpa_backend("gpu", jnp.bfloat16, 256) == "xla"
+    assert layers.sdpa_backend("cpu", jnp.bfloat16, 64) == "xla"
+    assert layers.sdpa_backend("tpu", jnp.bfloat16, 64) == "xla"
 
-        return jax.value_and_grad(loss)(params)
 
-    ref_loss, ref_grads = loss_and_grads("einsum")
-    loss, grads = loss_and_grads("dot_product")
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+def test_dot_product_falls_back_to_xla_when_cudnn_refuses(monkeypatch, caplog) -> None:
+    """Asked for cuDNN where it cannot run (here: no GPU), the step still runs, on XLA's
+    attention, equal to the einsum reference, and says why."""
+    monkeypatch.setattr(layers, "sdpa_backend", lambda *args: "cudnn")
+    with caplog.at_level("WARNING", logger="jaxformer"):
+        got, want = _dot_product_vs_einsum("float32", {})
+    assert "cuDNN attention refused" in caplog.text
+    _assert_same_loss_and_grads(got, want)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
+@pytest.mark.parametrize("options", [{}, {"num_kv_heads": 2}, {"sliding_window": 4}])
+def test_cudnn_attention_matches_einsum_in_bf16(options: dict, caplog) -> None:
+    assert layers.sdpa_backend("gpu", jnp.bfloat16, 8) == "cudnn"
+    with caplog.at_level("WARNING", logger="jaxformer"):
+        (loss, grads), (ref_loss, ref_grads) = _dot_product_vs_einsum("bfloat16", options)
+    assert "refused" not in caplog.text  # cuDNN ran, not the fallback
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-2)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2 * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize(
