@@ -23,7 +23,6 @@ resamples runs within each profile.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import math
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 from scipy.special import logsumexp
+from threadpoolctl import threadpool_limits
 
 from jaxformer.config import ConfigError
 
@@ -92,43 +92,6 @@ def _grid_objective(
 def _grid() -> np.ndarray:
     rows = itertools.product(GRID["a"], GRID["b"], GRID["e"], GRID["alpha"], GRID["beta"])
     return np.array(list(rows))
-
-
-@contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """Runs the block with the loaded OpenBLAS libraries on one thread each (Linux).
-
-    L-BFGS-B makes thousands of tiny LAPACK calls; on OpenBLAS's thread pool each costs
-    milliseconds when the cores are busy (a fit took 12x longer on a loaded 2-core
-    machine). threadpoolctl does this too; this is its OpenBLAS case without the
-    dependency. Elsewhere (no /proc, another BLAS) it changes nothing.
-    """
-    restore: list[tuple[Any, int]] = []
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-    except OSError:
-        paths = set()
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for suffix in ("64_", "_64_", ""):
-            get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None)
-            set_ = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
-            if get is None or set_ is None:
-                get = getattr(lib, f"openblas_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"openblas_set_num_threads{suffix}", None)
-            if get is not None and set_ is not None:
-                restore.append((set_, get()))
-                set_(1)
-                break
-    try:
-        yield
-    finally:
-        for set_, threads in restore:
-            set_(threads)
 
 
 # Box for L-BFGS-B, wide enough never to bind on a law that fits (the grid lies well
@@ -343,7 +306,9 @@ def fit(
     columns: dict[str, str] | None = None,
 ) -> FitResult:
     """Approaches 2 (runs grouped by ``budget_of``) and 3 on arrays of runs."""
-    with one_blas_thread():
+    # L-BFGS-B makes thousands of tiny LAPACK calls; on OpenBLAS's thread pool each costs
+    # milliseconds when the cores are busy (a fit took 12x longer on a loaded 2-core machine).
+    with threadpool_limits(limits=1, user_api="blas"):
         return _fit(n, d, flops, loss, budget_of, budget, bootstrap, starts, seed, columns)
 
 
