@@ -8,61 +8,32 @@ The ~1B model the performance issue measures MFU on, one GPU.
 
 1,100,048,384 parameters, the count of Hugging Face's ``LlamaForCausalLM`` for
 TinyLlama-1.1B (65,536,000 in the token table, another 65,536,000 in the untied output
-projection). Architecture as LLaMA-2 (configs/llama2_7b.py) but narrower and grouped:
-pre-norm RMSNorm (eps 1e-5), no biases, vocabulary 32000, RoPE base 10000.
+projection). configs/llama2_7b.py narrower, shallower and grouped; the rest as there:
+pre-norm RMSNorm (eps 1e-5), no biases, vocabulary 32000, RoPE base 10000, untied.
 
-Optimizer as TinyLlama: AdamW b1 0.9, b2 0.95, weight decay 0.1, clip 1.0, peak lr 4e-4,
-2000 warmup steps, cosine to 10%; 2M-token batches (1024 x 2048) in 8 microbatches. Float32
-parameters, gradients and AdamW moments take 17.6 GB; compute in bf16, attention through
-cuDNN on GPUs (``attention_impl=dot_product``). Starting points, not settings tuned by
-measurement; not yet measured on a GPU (BENCHMARKS.md).
+Optimizer as TinyLlama (and LLaMA-2 but for the peak lr): AdamW b1 0.9, b2 0.95, weight
+decay 0.1, clip 1.0, peak lr 4e-4, 2000 warmup steps, cosine to 10%; 2M-token batches
+(1024 x 2048) in 8 microbatches. Float32 parameters, gradients and AdamW moments take
+17.6 GB; compute in bf16, attention through cuDNN on GPUs (``attention_impl=dot_product``).
+Starting points, not settings tuned by measurement; not yet measured on a GPU.
 """
 
-from jaxformer.config import base_config
+from jaxformer.config import sibling_config
 
 
 def get_config():
-    c = base_config()
+    c = sibling_config(__file__, "llama2_7b.py")
     m = c.model
-    m.vocab_size = 32000
     m.d_model = 2048
     m.num_layers = 22
     m.num_heads = 32
     m.num_kv_heads = 4
-    m.head_dim = 0  # = 2048 / 32 = 64
     m.d_ff = 5632
     m.max_len = 2048
-    m.position = "rope"
-    m.rope_base = 10000.0
-    m.norm = "rmsnorm"
-    m.norm_position = "pre"
-    m.norm_eps = 1e-5
-    m.mlp = "swiglu"
-    m.use_bias = False
-    m.tie_embeddings = False
-    m.dtype = "bfloat16"
     m.attention_impl = "dot_product"
     m.remat = "dots_no_batch"
-    c.data.tokenizer = "byte"
     c.data.seq_len = 2048
-    o = c.optimizer
-    o.name = "adamw"
-    o.lr = 4e-4
-    o.b1, o.b2, o.eps = 0.9, 0.95, 1e-5
-    o.weight_decay = 0.1
-    o.clip_norm = 1.0
-    o.schedule = "cosine"
-    o.warmup_steps = 2000
-    o.min_lr_ratio = 0.1
-    t = c.train
-    t.steps = 1_430_512  # 3T tokens / 2M-token batches, as TinyLlama
-    t.global_batch = 1024
-    t.microbatches = 8
-    t.eval_every = 1000
-    t.checkpoint_every = 1000
-    t.log_every = 10
-    t.run_dir = "runs/llama_1b"
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.mesh.tensor = 1
+    c.optimizer.lr = 4e-4
+    c.train.steps = 1_430_512  # 3T tokens / 2M-token batches, as TinyLlama
+    c.train.run_dir = "runs/llama_1b"
     return c
