@@ -19,6 +19,7 @@ from jaxformer.model.layers import (
     causal_blocks,
     contract_last,
     dot_product_attention,
+    mlp_activation,
     self_attention_mask,
 )
 
@@ -186,3 +187,31 @@ def test_benchmark_writes_a_row_with_mfu_against_the_sampled_matmul_peak(tmp_pat
     assert mfu == pytest.approx(tflops / peak_tflops, abs=0.002)  # cells are rounded
     assert 0.05 < peak_tflops < 1e4  # a plausible CPU, in TFLOP/s
     assert "python tools/benchmark.py --config=" in text
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "gelu", "gelu_exact", "relu"])
+def test_mlp_activation_recomputes_and_keeps_only_its_inputs(kind):
+    """mlp_activation is rematerialised: the same values and gradients as the plain
+    formula, with only its inputs (up, gate) kept for the backward pass."""
+    rng = np.random.default_rng(0)
+    up, gate = (jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32) for _ in range(2))
+    plain = {
+        "swiglu": lambda u, g: jax.nn.silu(g) * u,
+        "geglu": lambda u, g: jax.nn.gelu(g, approximate=True) * u,
+        "gelu": lambda u, g: jax.nn.gelu(u, approximate=True),
+        "gelu_exact": lambda u, g: jax.nn.gelu(u, approximate=False),
+        "relu": lambda u, g: jax.nn.relu(u),
+    }[kind]
+    gated = kind in ("swiglu", "geglu")
+
+    def ours(u, g):
+        return mlp_activation(kind, u, g if gated else None)
+
+    probe = jnp.asarray(rng.normal(size=up.shape), jnp.float32)
+    out, vjp = jax.vjp(ours, up, gate)
+    want, want_vjp = jax.vjp(plain, up, gate)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    for a, b in zip(vjp(probe), want_vjp(probe), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    kept = jax.tree.leaves(vjp)
+    assert len(kept) == (2 if gated else 1) and all(k.shape == up.shape for k in kept)
