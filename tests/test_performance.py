@@ -235,3 +235,31 @@ def test_causal_blocks_keep_only_inputs_and_probabilities_for_the_backward():
     assert len(blocks) == 4
     probs = [(b, heads, end - start, end - key_start) for start, end, key_start in blocks]
     assert kept == sorted([q.shape] * 3 + probs + [(b, length, length)])
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_norm_recomputes_and_keeps_only_its_input_and_scale(kind):
+    """Norm is rematerialised: the same output and gradients as the formula, with only
+    x and the scale kept for the backward pass."""
+    from jaxformer.model.layers import Norm
+
+    rng = np.random.default_rng(0)
+    norm = Norm(16, kind, 1e-6, jnp.float32, nnx.Rngs(0))
+    norm.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 4, 16)), jnp.float32)
+
+    def formula(x, scale):
+        if kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        return x / jnp.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * scale
+
+    probe = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    graphdef, state = nnx.split(norm)
+    out, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    want, want_vjp = jax.vjp(formula, x, norm.scale[...])
+    np.testing.assert_allclose(out, want, rtol=1e-5)
+    d_state, dx = vjp(probe)
+    dx_want, dscale_want = want_vjp(probe)
+    np.testing.assert_allclose(dx, dx_want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(d_state["scale"][...], dscale_want, rtol=1e-4, atol=1e-6)
+    assert sorted(k.shape for k in jax.tree.leaves(vjp)) == sorted([(16,), x.shape])

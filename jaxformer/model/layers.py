@@ -130,14 +130,29 @@ class Norm(nnx.Module):
         )
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        x = x_BxLxD.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
-        x = x * self.scale[...]
-        if self.bias is not None:
-            x = x + self.bias[...]
-        return x.astype(self.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return _normalize(x_BxLxD, self.scale[...], bias, self.kind, self.eps, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4, 5))
+def _normalize(
+    x_BxLxD: jax.Array,
+    scale_D: jax.Array,
+    bias_D: jax.Array | None,
+    kind: str,
+    eps: float,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """Norm's math, recomputed in the backward pass from x: autodiff kept the normalised
+    ``[B, L, D]`` and two ``[B, L, 1]`` statistics besides x, per norm and layer."""
+    x = x_BxLxD.astype(jnp.float32)
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
+    x = x * scale_D
+    if bias_D is not None:
+        x = x + bias_D
+    return x.astype(dtype)
 
 
 def sinusoidal(positions_BxL: jax.Array, dim: int) -> jax.Array:
