@@ -182,7 +182,7 @@ def test_benchmark_writes_a_row_with_mfu_against_the_sampled_matmul_peak(tmp_pat
     assert cells[3].startswith("default.py --config.model.d_model=32")
     assert cells[5] == "8 x 16"
     mfu, peak = float(cells[9].rstrip("%")) / 100, cells[10]
-    assert "best of 7 2048^3 float32 matmuls between the steps on cpu" in peak
+    assert "best of 7 2048^3 float32 matmuls between the steps of this run on cpu" in peak
     tflops, peak_tflops = float(cells[8]), float(peak.split()[0])
     assert mfu == pytest.approx(tflops / peak_tflops, abs=0.002)  # cells are rounded
     assert 0.05 < peak_tflops < 1e4  # a plausible CPU, in TFLOP/s
@@ -263,3 +263,23 @@ def test_norm_recomputes_and_keeps_only_its_input_and_scale(kind):
     np.testing.assert_allclose(dx, dx_want, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(d_state["scale"][...], dscale_want, rtol=1e-4, atol=1e-6)
     assert sorted(k.shape for k in jax.tree.leaves(vjp)) == sorted([(16,), x.shape])
+
+
+def test_benchmark_rows_of_one_run_share_the_best_matmul_of_each_dtype():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import benchmark
+
+    def result(dtype, tflops, samples):
+        return {"dtype": dtype, "tflops": tflops, "peak_samples": samples, "mfu": None}
+
+    rows = benchmark.with_peaks(
+        [
+            result("float32", 0.3, [0.40e12, 0.45e12]),
+            result("float32", 0.2, [0.50e12]),
+            result("bfloat16", 0.4, [0.80e12]),
+        ],
+        "cpu",
+    )
+    assert [r["mfu"] for r in rows] == pytest.approx([0.6, 0.4, 0.5])
+    assert rows[0]["peak"].startswith("0.5 TFLOP/s (best of 3 2048^3 float32 matmuls")
+    assert rows[2]["peak"].startswith("0.8 TFLOP/s (best of 1 2048^3 bfloat16 matmuls")

@@ -79,7 +79,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     device = jax.devices()[0]
     # On CPU the peak is a measured matmul, whose speed drifts with the machine's load
     # and clock as much as the steps' do: sample it before and after every timed step
-    # and keep the best, so the MFU is against the fastest the machine ran in this run.
+    # and keep the best of the run (with_peaks), the fastest the machine ran matmuls.
     sample_peak = None
     if hardware.datasheet_peak(device) is None:
         sample_peak = hardware.matmul_sampler(cfg.model.dtype)
@@ -96,14 +96,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     step_time = statistics.median(times)
     tokens_per_sec = cfg.train.global_batch * cfg.data.seq_len / step_time
     per_device = tokens_per_sec * count.train_flops_per_token / jax.device_count()
-    if peak_samples:
-        peak = max(peak_samples)
-        peak_source = (
-            f"best of {len(peak_samples)} 2048^3 {cfg.model.dtype} matmuls between the steps "
-            f"on {device.platform}"
-        )
-    else:
-        peak, peak_source = hardware.peak_flops(cfg.model.dtype)
+    peak, peak_source = (None, None) if peak_samples else hardware.peak_flops(cfg.model.dtype)
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "peak_bytes_in_use" in stats:
         peak_memory = f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB allocator peak"
@@ -120,12 +113,32 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
         "step_time": f"{step_time:.3f} ({spread[0]:.3f}-{spread[1]:.3f})",
         "tokens_per_sec": tokens_per_sec,
         "tflops": per_device / 1e12,
-        "mfu": per_device / peak,
-        "peak": f"{peak / 1e12:.3g} TFLOP/s ({peak_source})",
+        "dtype": cfg.model.dtype,
+        "peak_samples": peak_samples,  # CPU: turned into the run's peak by with_peaks
+        "mfu": None if peak is None else per_device / peak,
+        "peak": None if peak is None else f"{peak / 1e12:.3g} TFLOP/s ({peak_source})",
         "compile_s": compile_s,
         "memory": peak_memory,
         "loss": float(metrics["loss"]),
     }
+
+
+def with_peaks(results: list[dict], platform: str) -> list[dict]:
+    """On CPU, MFU against the best matmul of the whole run in each dtype: every config's
+    samples count, so rows measured side by side share one peak."""
+    best: dict[str, list[float]] = {}
+    for r in results:
+        best.setdefault(r["dtype"], []).extend(r["peak_samples"])
+    for r in results:
+        samples = best.get(r["dtype"])
+        if r["mfu"] is None and samples:
+            peak = max(samples)
+            r["mfu"] = r["tflops"] * 1e12 / peak
+            r["peak"] = (
+                f"{peak / 1e12:.3g} TFLOP/s (best of {len(samples)} 2048^3 {r['dtype']} "
+                f"matmuls between the steps of this run on {platform})"
+            )
+    return results
 
 
 def git_commit() -> str:
@@ -185,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     date = datetime.date.today().isoformat()
     commit = git_commit()
-    rows = []
+    results = []
     for config, overrides in runs:
-        r = bench(config, overrides, args.steps, args.warmup)
+        results.append(bench(config, overrides, args.steps, args.warmup))
+        print(f"{results[-1]['config']}: step {results[-1]['step_time']} s", flush=True)
+    rows = []
+    for r in with_peaks(results, device.platform):
         print(
             f"{r['config']}: {r['params']:,} params, step {r['step_time']} s, "
             f"{r['tokens_per_sec']:,.0f} tokens/s, {r['tflops']:.3f} TFLOP/s/device, "
