@@ -270,7 +270,7 @@ def test_benchmark_rows_of_one_run_share_the_best_matmul_of_each_dtype():
     import benchmark
 
     def result(dtype, tflops, samples):
-        return {"dtype": dtype, "tflops": tflops, "peak_samples": samples, "mfu": None}
+        return {"dtype": dtype, "tflops": tflops, "peak_samples": samples, "datasheet_peak": None}
 
     rows = benchmark.with_peaks(
         [

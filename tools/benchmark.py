@@ -96,7 +96,6 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     step_time = statistics.median(times)
     tokens_per_sec = cfg.train.global_batch * cfg.data.seq_len / step_time
     per_device = tokens_per_sec * count.train_flops_per_token / jax.device_count()
-    peak, peak_source = (None, None) if peak_samples else hardware.peak_flops(cfg.model.dtype)
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "peak_bytes_in_use" in stats:
         peak_memory = f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB allocator peak"
@@ -114,9 +113,8 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
         "tokens_per_sec": tokens_per_sec,
         "tflops": per_device / 1e12,
         "dtype": cfg.model.dtype,
-        "peak_samples": peak_samples,  # CPU: turned into the run's peak by with_peaks
-        "mfu": None if peak is None else per_device / peak,
-        "peak": None if peak is None else f"{peak / 1e12:.3g} TFLOP/s ({peak_source})",
+        "peak_samples": peak_samples,  # CPU; with_peaks turns them into the run's peak
+        "datasheet_peak": None if sample_peak else hardware.peak_flops(cfg.model.dtype),
         "compile_s": compile_s,
         "memory": peak_memory,
         "loss": float(metrics["loss"]),
@@ -124,20 +122,22 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
 
 
 def with_peaks(results: list[dict], platform: str) -> list[dict]:
-    """On CPU, MFU against the best matmul of the whole run in each dtype: every config's
-    samples count, so rows measured side by side share one peak."""
-    best: dict[str, list[float]] = {}
+    """Adds each row's MFU and peak: the datasheet figure on accelerators; on CPU the best
+    matmul of the whole run in the row's dtype, so rows measured side by side share one."""
+    samples: dict[str, list[float]] = {}
     for r in results:
-        best.setdefault(r["dtype"], []).extend(r["peak_samples"])
+        samples.setdefault(r["dtype"], []).extend(r["peak_samples"])
     for r in results:
-        samples = best.get(r["dtype"])
-        if r["mfu"] is None and samples:
-            peak = max(samples)
-            r["mfu"] = r["tflops"] * 1e12 / peak
-            r["peak"] = (
-                f"{peak / 1e12:.3g} TFLOP/s (best of {len(samples)} 2048^3 {r['dtype']} "
-                f"matmuls between the steps of this run on {platform})"
+        if r["datasheet_peak"] is not None:
+            peak, source = r["datasheet_peak"]
+        else:
+            peak = max(samples[r["dtype"]])
+            source = (
+                f"best of {len(samples[r['dtype']])} 2048^3 {r['dtype']} matmuls between "
+                f"the steps of this run on {platform}"
             )
+        r["mfu"] = r["tflops"] * 1e12 / peak
+        r["peak"] = f"{peak / 1e12:.3g} TFLOP/s ({source})"
     return results
 
 
