@@ -15,6 +15,7 @@ from flax import nnx
 from jaxformer.host import huge_pages_supported
 from jaxformer.model import DecoderLM, ModelConfig
 from jaxformer.model.layers import (
+    Norm,
     SegmentMask,
     causal_blocks,
     contract_last,
@@ -22,6 +23,9 @@ from jaxformer.model.layers import (
     mlp_activation,
     self_attention_mask,
 )
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import benchmark  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -169,9 +173,6 @@ def test_causal_blocks_equal_the_whole_square(length, window, kv_heads, with_bia
 def test_benchmark_writes_a_row_with_mfu_against_the_sampled_matmul_peak(tmp_path):
     """tools/benchmark.py end to end on a tiny model: one row in the output file, with the
     command, and on CPU the peak taken from matmuls sampled around the timed steps."""
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import benchmark
-
     out = tmp_path / "BENCH.md"
     tiny = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.data.seq_len=16"]
     args = [f"--config={REPO_ROOT / 'configs/default.py'}", *tiny, "--config.train.global_batch=8"]
@@ -241,8 +242,6 @@ def test_causal_blocks_keep_only_inputs_and_probabilities_for_the_backward():
 def test_norm_recomputes_and_keeps_only_its_input_and_scale(kind):
     """Norm is rematerialised: the same output and gradients as the formula, with only
     x and the scale kept for the backward pass."""
-    from jaxformer.model.layers import Norm
-
     rng = np.random.default_rng(0)
     norm = Norm(16, kind, 1e-6, jnp.float32, nnx.Rngs(0))
     norm.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
@@ -266,9 +265,6 @@ def test_norm_recomputes_and_keeps_only_its_input_and_scale(kind):
 
 
 def test_benchmark_rows_of_one_run_share_the_best_matmul_of_each_dtype():
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import benchmark
-
     def result(dtype, tflops, samples):
         return {"dtype": dtype, "tflops": tflops, "peak_samples": samples, "datasheet_peak": None}
 
