@@ -190,6 +190,22 @@ def test_benchmark_writes_a_row_with_mfu_against_the_sampled_matmul_peak(tmp_pat
     assert "python tools/benchmark.py --config=" in text
 
 
+def test_benchmark_config_that_fails_gets_a_row_naming_the_error_and_the_rest_run(tmp_path):
+    """Each config runs in its own process: one that fails (here a batch that does not
+    divide over the 8 simulated devices) is reported, and the next is still measured."""
+    out = tmp_path / "BENCH.md"
+    tiny = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.data.seq_len=16"]
+    default = f"--config={REPO_ROOT / 'configs/default.py'}"
+    args = [*tiny, default, "--config.train.global_batch=7", default]
+    assert benchmark.main([*args, "--steps=1", "--warmup=1", "--write", f"--output={out}"]) == 1
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 2
+    assert (
+        "global_batch=7" in rows[0] and "failed: " in rows[0] and "7" in rows[0].split("failed")[1]
+    )
+    assert "cpu" in rows[1].split("|")[2] and "%" in rows[1]
+
+
 @pytest.mark.parametrize("kind", ["swiglu", "geglu", "gelu", "gelu_exact", "relu"])
 def test_mlp_activation_recomputes_and_keeps_only_its_inputs(kind):
     """mlp_activation is rematerialised: the same values and gradients as the plain

@@ -10,17 +10,23 @@ square; peak from the datasheet on accelerators; on CPU the best of 2048^3 matmu
 before and between the timed steps),
 compile time, and peak memory (XLA's compiled estimate of arguments + temporaries + outputs,
 and on accelerators the allocator's peak; on CPU the process's peak RSS).
+
+Each config runs in a process of its own: the allocator's and the process's peaks only
+grow, so a shared process would report the largest config's peak for every later one, and
+a config that fails (out of memory, say) gets a row naming the error while the rest run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import resource
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +45,11 @@ HEADER = (
     "| tokens/s | TFLOP/s/device | MFU | peak | compile (s) | peak memory |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
+
+
+def device_description() -> str:
+    device = jax.devices()[0]
+    return f"{jax.device_count()}x {device.device_kind} ({device.platform}), jax {jax.__version__}"
 
 
 def synthetic_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -106,6 +117,8 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
         peak_memory += f"; {xla_bytes / 2**30:.2f} GiB XLA estimate"
     spread = (min(times), max(times))
     return {
+        "device": device_description(),
+        "platform": device.platform,
         "config": " ".join([Path(config).name, *overrides]),
         "params": count.params,
         "shape": f"{cfg.train.global_batch} x {cfg.data.seq_len}",
@@ -121,9 +134,34 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     }
 
 
+def bench_in_child(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """bench() in a fresh Python process (module docstring: why); on failure, a result
+    holding the config and the error's last line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            f"--config={config}",
+            *overrides,
+            f"--steps={steps}",
+            f"--warmup={warmup}",
+            f"--result-file={result_file}",
+        ]
+        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        if proc.returncode == 0 and result_file.exists():
+            return json.loads(result_file.read_text())
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0]]
+    error = (errors or lines or [f"exit status {proc.returncode}"])[-1]
+    sys.stderr.write("\n".join(lines[-20:]) + "\n")
+    return {"config": " ".join([Path(config).name, *overrides]), "error": error[:300]}
+
+
 def with_peaks(results: list[dict], platform: str) -> list[dict]:
     """Adds each row's MFU and peak: the datasheet figure on accelerators; on CPU the best
     matmul of the whole run in the row's dtype, so rows measured side by side share one."""
+    results = [r for r in results if "error" not in r]
     samples: dict[str, list[float]] = {}
     for r in results:
         samples.setdefault(r["dtype"], []).extend(r["peak_samples"])
@@ -178,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="add rows to BENCHMARKS.md")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument(
+        "--result-file", help=argparse.SUPPRESS
+    )  # internal: one config, run by bench_in_child, its result written here as JSON
     if argv is None:
         use_huge_pages()  # as `jaxformer train` does (jaxformer/host.py); returns if done
     argv = sys.argv[1:] if argv is None else argv
@@ -192,18 +233,34 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((arg.split("=", 1)[1], list(shared)))
         elif arg.startswith("--config."):
             (runs[-1][1] if runs else shared).append(arg)
-    device = jax.devices()[0]
-    device_name = (
-        f"{jax.device_count()}x {device.device_kind} ({device.platform}), jax {jax.__version__}"
-    )
+    if args.result_file:
+        (config, overrides), *more = runs
+        if more or args.write:
+            parser.error("--result-file takes one --config and no --write")
+        result = bench(config, overrides, args.steps, args.warmup)
+        Path(args.result_file).write_text(json.dumps(result))
+        return 0
     date = datetime.date.today().isoformat()
     commit = git_commit()
     results = []
     for config, overrides in runs:
-        results.append(bench(config, overrides, args.steps, args.warmup))
-        print(f"{results[-1]['config']}: step {results[-1]['step_time']} s", flush=True)
-    rows = []
-    for r in with_peaks(results, device.platform):
+        results.append(bench_in_child(config, overrides, args.steps, args.warmup))
+        r = results[-1]
+        print(
+            f"{r['config']}: "
+            + (f"FAILED: {r['error']}" if "error" in r else f"step {r['step_time']} s"),
+            flush=True,
+        )
+    # The parent never touches an accelerator (on GPUs it would hold memory the children need).
+    measured = [r for r in results if "error" not in r]
+    device_name = measured[0]["device"] if measured else "unknown device"
+    rows = [
+        f"| {date} | {device_name} | {commit} | {r['config']} | | | failed: "
+        f"{r['error'].replace('|', '/')} | | | | | | |\n"
+        for r in results
+        if "error" in r
+    ]
+    for r in with_peaks(results, measured[0]["platform"] if measured else "cpu"):
         print(
             f"{r['config']}: {r['params']:,} params, step {r['step_time']} s, "
             f"{r['tokens_per_sec']:,.0f} tokens/s, {r['tflops']:.3f} TFLOP/s/device, "
@@ -227,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         text += f"\n<!-- {date} {commit}: {command} -->\n"
         path.write_text(text)
         print(f"wrote {len(rows)} row(s) to {path}")
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

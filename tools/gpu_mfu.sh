@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The performance issue's GPU measurements in one run (docs/performance.md, "Measuring MFU
+# on one GPU"): cuDNN attention checked against the einsum path, then MFU in bf16 of the
+# ~1B LLaMA-style model (llama_1b) and GPT-2 124M over batch and remat policy.
+#
+#     bash tools/gpu_mfu.sh OUT_DIR      # rows go to OUT_DIR/BENCHMARKS.md (a copy)
+#
+# Made for a lent H100/H200 with jax, flax and optax installed but no network: jaxformer
+# runs from the checkout (PYTHONPATH), ml_collections from a wheel if one is in .whl/.
+set -uo pipefail
+out=$(realpath "${1:-.}")
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The benchmark runs each config in its own process; let it use the whole card.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+[ "$out/BENCHMARKS.md" -ef BENCHMARKS.md ] || cp BENCHMARKS.md "$out/BENCHMARKS.md"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())"
+
+JAXFORMER_TEST_PLATFORMS=cuda timeout 120 python3 -m pytest -q -n 0 -p no:cacheprovider \
+    tests/test_attention.py -k cudnn 2>&1 | tail -n 15
+
+bench() { timeout "$1" python3 tools/benchmark.py "${@:2}" --write --output="$out/BENCHMARKS.md"; }
+bench 300 --config.train.microbatches=1 --steps=8 --warmup=2 \
+    --config=configs/llama_1b.py --config.train.global_batch=16 \
+    --config=configs/llama_1b.py --config.train.global_batch=8 --config.model.remat=none \
+    --config=configs/llama_1b.py --config.train.global_batch=16 --config.model.remat=full
+bench 120 --config.train.microbatches=1 --config.model.attention_impl=dot_product \
+    --steps=10 --warmup=2 \
+    --config=configs/gpt2_124m.py --config.train.global_batch=32 \
+    --config=configs/gpt2_124m.py --config.train.global_batch=64
+nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv
