@@ -25,7 +25,10 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 JAXFORMER_TEST_PLATFORMS=cuda timeout 120 python3 -m pytest -q -n 0 -p no:cacheprovider \
     tests/test_attention.py -k cudnn 2>&1 | tail -n 15
 
-bench() { timeout "$1" python3 tools/benchmark.py "${@:2}" --write --output="$out/BENCHMARKS.md"; }
+bench() {  # timeout stops the parent only: end its per-config child too
+    timeout "$1" python3 tools/benchmark.py "${@:2}" --write --output="$out/BENCHMARKS.md"
+    pkill -f tools/benchmark.py
+}
 bench 300 --config.train.microbatches=1 --steps=8 --warmup=2 \
     --config=configs/llama_1b.py --config.train.global_batch=16 \
     --config=configs/llama_1b.py --config.train.global_batch=8 --config.model.remat=none \
