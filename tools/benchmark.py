@@ -64,7 +64,9 @@ def synthetic_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def compile_step(config: str, overrides: list[str]):
+    """The config's train step compiled for a synthetic batch: (cfg, compiled step, state,
+    batch, compile seconds, XLA's memory estimate in bytes or None)."""
     cfg = load_config(config, overrides)
     mesh = parallel.make_mesh(validate(cfg, jax.device_count()))
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
@@ -87,6 +89,11 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
             + memory.output_size_in_bytes
             - memory.alias_size_in_bytes
         )
+    return cfg, compiled, state, batch, compile_s, xla_bytes
+
+
+def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    cfg, compiled, state, batch, compile_s, xla_bytes = compile_step(config, overrides)
     device = jax.devices()[0]
     # On CPU the peak is a measured matmul, whose speed drifts with the machine's load
     # and clock as much as the steps' do: sample it before and after every timed step
