@@ -24,8 +24,12 @@ def tiny_model(**overrides: object) -> DecoderLM:
     return DecoderLM(ModelConfig.from_config(cfg), nnx.Rngs(params=0))
 
 
-def packed_batch() -> tuple[jax.Array, jax.Array, jax.Array]:
+def packed_batch(packed: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row 0 packs two documents and a padding token (unless ``packed=False``: then every
+    row is one whole document); row 1 is one document."""
     tokens = jax.random.randint(jax.random.key(1), (B, L), 3, V)
+    if not packed:
+        return tokens, jnp.ones((B, L), jnp.int32), jnp.broadcast_to(jnp.arange(L), (B, L))
     segments = jnp.asarray([[1] * 5 + [2] * 6 + [0], [1] * L], jnp.int32)
     positions = jnp.asarray([list(range(5)) + list(range(6)) + [0], list(range(L))], jnp.int32)
     return tokens, segments, positions
@@ -99,9 +103,9 @@ def test_alibi_attention_matches_naive_reference() -> None:
     np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5)
 
 
-def _dot_product_vs_einsum(dtype: str, options: dict) -> tuple:
-    """(loss, grads) of attention_impl=dot_product and of einsum on the packed batch."""
-    tokens, segments, positions = packed_batch()
+def _dot_product_vs_einsum(dtype: str, options: dict, packed: bool = True) -> tuple:
+    """(loss, grads) of attention_impl=dot_product and of einsum on :func:`packed_batch`."""
+    tokens, segments, positions = packed_batch(packed)
     weights = (segments > 0).astype(jnp.float32)
 
     def loss_and_grads(impl: str) -> tuple[jax.Array, nnx.State]:
@@ -152,12 +156,38 @@ def test_dot_product_falls_back_to_xla_when_cudnn_refuses(monkeypatch, caplog) -
     _assert_same_loss_and_grads(got, want)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_cudnn_path_drops_the_mask_only_for_rows_of_one_whole_document(
+    monkeypatch, packed: bool
+) -> None:
+    """On the cuDNN path causal self-attention branches at run time: with no packing and
+    no padding, is_causal alone; otherwise the segment mask. Both equal the einsum path
+    (here the branches run XLA's attention: cuDNN needs a GPU)."""
+    monkeypatch.setattr(layers, "sdpa_backend", lambda *args: "cudnn")
+    _assert_same_loss_and_grads(*_dot_product_vs_einsum("float32", {}, packed))
+
+
+def test_one_document_per_row_needs_one_segment_no_padding_and_consecutive_positions() -> None:
+    def check(segments: list, positions: list) -> bool:
+        mask = layers.SegmentMask(jnp.asarray(segments), jnp.asarray(positions))
+        return bool(mask.one_document_per_row())
+
+    assert check([[1, 1, 1], [3, 3, 3]], [[0, 1, 2], [5, 6, 7]])
+    assert not check([[1, 1, 2], [1, 1, 1]], [[0, 1, 0], [0, 1, 2]])  # packed
+    assert not check([[1, 1, 0], [1, 1, 1]], [[0, 1, 0], [0, 1, 2]])  # padding
+    assert not check([[1, 1, 1], [1, 1, 1]], [[0, 2, 3], [0, 1, 2]])  # a gap in positions
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
-@pytest.mark.parametrize("options", [{}, {"num_kv_heads": 2}, {"sliding_window": 4}])
-def test_cudnn_attention_matches_einsum_in_bf16(options: dict, caplog) -> None:
+@pytest.mark.parametrize(
+    "options, packed",
+    [({}, True), ({}, False), ({"num_kv_heads": 2}, True), ({"num_kv_heads": 2}, False),
+     ({"sliding_window": 4}, True)],
+)  # fmt: skip
+def test_cudnn_attention_matches_einsum_in_bf16(options: dict, packed: bool, caplog) -> None:
     assert layers.sdpa_backend("gpu", jnp.bfloat16, 8) == "cudnn"
     with caplog.at_level("WARNING", logger="jaxformer"):
-        (loss, grads), (ref_loss, ref_grads) = _dot_product_vs_einsum("bfloat16", options)
+        (loss, grads), (ref_loss, ref_grads) = _dot_product_vs_einsum("bfloat16", options, packed)
     assert "refused" not in caplog.text  # cuDNN ran, not the fallback
     np.testing.assert_allclose(loss, ref_loss, rtol=2e-2)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):

@@ -52,19 +52,23 @@ def device_description() -> str:
     return f"{jax.device_count()}x {device.device_kind} ({device.platform}), jax {jax.__version__}"
 
 
-def synthetic_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def synthetic_batch(cfg, rng: np.random.Generator, documents: int = 1) -> dict[str, np.ndarray]:
+    """Random tokens, each row ``documents`` equal-length documents packed together (one
+    segment id and positions from 0 each), no padding."""
     b, length = cfg.train.global_batch, cfg.data.seq_len
     tokens = rng.integers(3, min(cfg.model.vocab_size, 259), (b, length + 1), dtype=np.int32)
+    segment_L = 1 + np.arange(length) * documents // length
+    starts = np.searchsorted(segment_L, segment_L)  # each token's document start
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
-        "segment_ids": np.ones((b, length), np.int32),
-        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+        "segment_ids": np.broadcast_to(segment_L, (b, length)).astype(np.int32),
+        "positions": np.broadcast_to(np.arange(length) - starts, (b, length)).astype(np.int32),
         "weights": np.ones((b, length), np.float32),
     }
 
 
-def compile_step(config: str, overrides: list[str]):
+def compile_step(config: str, overrides: list[str], documents: int = 1):
     """The config's train step compiled for a synthetic batch: (cfg, compiled step, state,
     batch, compile seconds, XLA's memory estimate in bytes or None)."""
     cfg = load_config(config, overrides)
@@ -75,7 +79,7 @@ def compile_step(config: str, overrides: list[str]):
     sharding = parallel.batch_sharding(mesh)
     batch = {
         k: jax.device_put(v, sharding)
-        for k, v in synthetic_batch(cfg, np.random.default_rng(0)).items()
+        for k, v in synthetic_batch(cfg, np.random.default_rng(0), documents).items()
     }
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
@@ -92,8 +96,8 @@ def compile_step(config: str, overrides: list[str]):
     return cfg, compiled, state, batch, compile_s, xla_bytes
 
 
-def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    cfg, compiled, state, batch, compile_s, xla_bytes = compile_step(config, overrides)
+def bench(config: str, overrides: list[str], steps: int, warmup: int, documents: int = 1) -> dict:
+    cfg, compiled, state, batch, compile_s, xla_bytes = compile_step(config, overrides, documents)
     device = jax.devices()[0]
     # On CPU the peak is a measured matmul, whose speed drifts with the machine's load
     # and clock as much as the steps' do: sample it before and after every timed step
@@ -126,7 +130,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     return {
         "device": device_description(),
         "platform": device.platform,
-        "config": " ".join([Path(config).name, *overrides]),
+        "config": " ".join([Path(config).name, *overrides, *documents_flag(documents)]),
         "params": count.params,
         "shape": f"{cfg.train.global_batch} x {cfg.data.seq_len}",
         "step_time": f"{step_time:.3f} ({spread[0]:.3f}-{spread[1]:.3f})",
@@ -141,7 +145,13 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     }
 
 
-def bench_in_child(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def documents_flag(documents: int) -> list[str]:
+    return [f"--documents={documents}"] if documents != 1 else []
+
+
+def bench_in_child(
+    config: str, overrides: list[str], steps: int, warmup: int, documents: int = 1
+) -> dict:
     """bench() in a fresh Python process (module docstring: why); on failure, a result
     holding the config and the error's last line."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,6 +163,7 @@ def bench_in_child(config: str, overrides: list[str], steps: int, warmup: int) -
             *overrides,
             f"--steps={steps}",
             f"--warmup={warmup}",
+            f"--documents={documents}",
             f"--result-file={result_file}",
         ]
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
@@ -162,7 +173,8 @@ def bench_in_child(config: str, overrides: list[str], steps: int, warmup: int) -
     errors = [line for line in lines if "Error" in line.split(":")[0]]
     error = (errors or lines or [f"exit status {proc.returncode}"])[-1]
     sys.stderr.write("\n".join(lines[-20:]) + "\n")
-    return {"config": " ".join([Path(config).name, *overrides]), "error": error[:300]}
+    label = " ".join([Path(config).name, *overrides, *documents_flag(documents)])
+    return {"config": label, "error": error[:300]}
 
 
 def with_peaks(results: list[dict], platform: str) -> list[dict]:
@@ -221,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--documents",
+        type=int,
+        default=1,
+        help="documents packed per synthetic row (1: none; more: the segment-mask path)",
+    )
     parser.add_argument("--write", action="store_true", help="add rows to BENCHMARKS.md")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument(
@@ -244,14 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         (config, overrides), *more = runs
         if more or args.write:
             parser.error("--result-file takes one --config and no --write")
-        result = bench(config, overrides, args.steps, args.warmup)
+        result = bench(config, overrides, args.steps, args.warmup, args.documents)
         Path(args.result_file).write_text(json.dumps(result))
         return 0
     date = datetime.date.today().isoformat()
     commit = git_commit()
     results = []
     for config, overrides in runs:
-        results.append(bench_in_child(config, overrides, args.steps, args.warmup))
+        results.append(bench_in_child(config, overrides, args.steps, args.warmup, args.documents))
         r = results[-1]
         print(
             f"{r['config']}: "

@@ -224,6 +224,13 @@ class SegmentMask:
     window: int = flax.struct.field(pytree_node=False, default=0)
     dense_BxLxL: jax.Array | None = None
 
+    def one_document_per_row(self) -> jax.Array:
+        """A scalar, True when every row is one document with no padding and consecutive
+        positions: then the mask is plain causal (window 0) and fused kernels need none."""
+        seg_BxL, pos_BxL = self.segment_ids_BxL, self.positions_BxL
+        same = jnp.all((seg_BxL == seg_BxL[:, :1]) & (seg_BxL > 0))
+        return same & jnp.all(pos_BxL[:, 1:] - pos_BxL[:, :-1] == 1)
+
     def dense(self) -> jax.Array:
         if self.dense_BxLxL is not None:
             return self.dense_BxLxL
@@ -354,6 +361,12 @@ def dot_product_attention(
             )  # fmt: skip
         if mask_BxLxS.causal and q_BxLxHxDh.shape[1] == k_BxSxKxDh.shape[1]:
             blocks = causal_blocks(q_BxLxHxDh.shape[1], mask_BxLxS.window)
+            plain_causal = mask_BxLxS.window == 0 and bias_BxHxLxS is None and not return_probs
+            fused = implementation == "dot_product" and _skip_mask_when_unpacked(q_BxLxHxDh)
+            if fused and plain_causal:
+                return _causal_attention_unmasked_when_unpacked(
+                    q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, scale
+                )
         mask_BxLxS = mask_BxLxS.dense()
     h, kv = q_BxLxHxDh.shape[2], k_BxSxKxDh.shape[2]
     if implementation == "dot_product" and not return_probs:
@@ -425,11 +438,38 @@ def sdpa_backend(platform: str, dtype: Any, head_dim: int) -> str:
     return "cudnn" if platform == "gpu" and fits else "xla"
 
 
+def _skip_mask_when_unpacked(q_BxLxHxDh: jax.Array) -> bool:
+    """Whether causal self-attention checks, per step, for rows without packing and then
+    runs cuDNN with no mask. cuDNN takes a mask as a dense [B, 1, L, L] bias, which it
+    builds and reads per layer and head: on an H100, llama_1b's attention ran at about
+    200 TFLOP/s with it (docs/performance.md)."""
+    dtype, head_dim = q_BxLxHxDh.dtype, q_BxLxHxDh.shape[-1]
+    return sdpa_backend(jax.default_backend(), dtype, head_dim) == "cudnn"
+
+
+def _causal_attention_unmasked_when_unpacked(
+    q_BxLxHxDh: jax.Array,
+    k_BxSxKxDh: jax.Array,
+    v_BxSxKxDh: jax.Array,
+    mask: SegmentMask,
+    scale: float,
+) -> jax.Array:
+    """Causal self-attention that passes the segment mask only when some row holds more
+    than one document or padding (a runtime branch, both sides compiled); the rest is
+    ``is_causal`` alone, the same function."""
+    return jax.lax.cond(
+        mask.one_document_per_row(),
+        lambda q, k, v, _: _jax_nn_attention(q, k, v, None, None, scale, causal=True),
+        lambda q, k, v, m: _jax_nn_attention(q, k, v, m, None, scale, causal=True),
+        q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask.dense(),
+    )  # fmt: skip
+
+
 def _jax_nn_attention(
     q_BxLxHxDh: jax.Array,
     k_BxSxKxDh: jax.Array,
     v_BxSxKxDh: jax.Array,
-    mask_BxLxS: jax.Array,
+    mask_BxLxS: jax.Array | None,
     bias_BxHxLxS: jax.Array | None,
     scale: float,
     *,
@@ -441,7 +481,7 @@ def _jax_nn_attention(
     args = (q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh)
     kwargs = dict(
         bias=None if bias_BxHxLxS is None else bias_BxHxLxS.astype(q_BxLxHxDh.dtype),
-        mask=mask_BxLxS[:, None],
+        mask=None if mask_BxLxS is None else mask_BxLxS[:, None],
         scale=scale,
     )
     backend = sdpa_backend(jax.default_backend(), q_BxLxHxDh.dtype, q_BxLxHxDh.shape[-1])
@@ -452,7 +492,7 @@ def _jax_nn_attention(
             )
         except (ValueError, NotImplementedError, RuntimeError) as e:  # version, layout
             logging.getLogger("jaxformer").warning("cuDNN attention refused (%s); using XLA", e)
-    return jax.nn.dot_product_attention(*args, **kwargs, implementation="xla")
+    return jax.nn.dot_product_attention(*args, **kwargs, is_causal=causal, implementation="xla")
 
 
 def _softmax_attention(
