@@ -26,6 +26,7 @@ from jaxformer.model.layers import (
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import benchmark  # noqa: E402
+import profile_step  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -295,3 +296,41 @@ def test_benchmark_rows_of_one_run_share_the_best_matmul_of_each_dtype():
     assert [r["mfu"] for r in rows] == pytest.approx([0.6, 0.4, 0.5])
     assert rows[0]["peak"].startswith("0.5 TFLOP/s (best of 3 2048^3 float32 matmuls")
     assert rows[2]["peak"].startswith("0.8 TFLOP/s (best of 1 2048^3 bfloat16 matmuls")
+
+
+def test_profile_sums_device_stream_time_by_kind_and_op():
+    """A GPU trace's kernels are read from its stream threads only (the "XLA Ops" thread
+    repeats them), classed by name, and divided over the traced steps."""
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 14, "args": {"name": "Stream #14"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "XLA Ops"}},
+    ]
+    kernels = [
+        ("nvjet_sm90_tst_128x160", 600.0),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 300.0),
+        ("loop_multiply_fusion", 80.0),
+        ("memcpy128", 20.0),
+        ("nvjet_sm90_tst_128x160", 200.0),
+    ]
+    events = [
+        {"ph": "X", "pid": 1, "tid": 14, "name": n, "dur": d, "ts": 0} for n, d in kernels
+    ] + [{"ph": "X", "pid": 1, "tid": 2, "name": "fusion.1", "dur": 999.0, "ts": 0}]
+    ops = profile_step.device_ops({"traceEvents": meta + events})
+    assert sorted(us for _, _, us in ops) == sorted(d for _, d in kernels)
+    text = profile_step.summarize(ops, steps=2, wall_s=0.0012, top=3)
+    assert "device busy 0.6 ms (100% of the step)" in text
+    assert "| matmul | 0.40 | 66.7% |" in text
+    assert "| attention | 0.15 | 25.0% |" in text
+    assert "| copy | 0.01 | 1.7% |" in text
+    assert "| nvjet_sm90_tst_128x160 | matmul | 0.40 | 66.7% |" in text
+
+
+def test_profile_step_runs_a_config_end_to_end(capsys):
+    tiny = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.data.seq_len=16"]
+    config = f"--config={REPO_ROOT / 'configs/default.py'}"
+    assert profile_step.main([config, *tiny, "--steps=1", "--warmup=1", "--top=3"]) == 0
+    out = capsys.readouterr().out
+    assert "device busy" in out and "| kind | ms/step | share of busy |" in out
+    assert ".trace.json.gz" in out
