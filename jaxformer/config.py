@@ -63,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.relative_max_distance = 128  # t5: distance beyond which buckets saturate
     m.dropout = 0.0
     m.scan_layers = True
-    m.remat = "none"  # none | full | dots | dots_no_batch | qkv (docs/performance.md)
+    m.remat = (
+        "none"  # none | full | dots | dots_no_batch | dots_attention | qkv (docs/performance.md)
+    )
     # einsum (reference) | dot_product (jax.nn, cuDNN on GPU) | splash (Pallas, TPU, decoders)
     m.attention_impl = "einsum"
     m.sliding_window = 0  # attend only to the last N positions; 0 = unlimited
@@ -177,7 +179,7 @@ _CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("swiglu", "geglu", "gelu", "gelu_exact", "relu"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch", "qkv"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch", "dots_attention", "qkv"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.name": ("stdlib", "text_files", "tfds", "reverse_words", "stdlib_packages"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +183,8 @@ def test_one_document_per_row_needs_one_segment_no_padding_and_consecutive_posit
 @pytest.mark.parametrize(
     "options, packed",
     [({}, True), ({}, False), ({"num_kv_heads": 2}, True), ({"num_kv_heads": 2}, False),
-     ({"sliding_window": 4}, True)],
+     ({"sliding_window": 4}, True), ({"remat": "dots_attention"}, True),
+     ({"remat": "dots_attention"}, False)],
 )  # fmt: skip
 def test_cudnn_attention_matches_einsum_in_bf16(options: dict, packed: bool, caplog) -> None:
     assert layers.sdpa_backend("gpu", jnp.bfloat16, 8) == "cudnn"
@@ -219,3 +221,24 @@ def test_kv_cache_reproduces_the_full_forward(options: dict) -> None:
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
     assert int(cache["index"]) == L
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
+def test_dots_attention_runs_the_cudnn_forward_once_per_step() -> None:
+    """With remat=dots_no_batch the backward reruns cuDNN's attention forward; with
+    dots_attention its outputs are kept and the compiled step calls it fewer times."""
+    tokens, segments, positions = packed_batch(packed=False)
+
+    def forward_calls(remat: str) -> int:
+        model = tiny_model(attention_impl="dot_product", dtype="bfloat16", remat=remat)
+        graphdef, params = nnx.split(model)
+
+        def loss(p: nnx.State) -> jax.Array:
+            return nnx.merge(graphdef, p)(tokens, segments, positions).sum()
+
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        targets = re.findall(r"__cudnn\$fmha(\w*)", hlo)  # forward and backward kernels
+        return sum(not t.endswith("Backward") for t in targets)
+
+    kept, rerun = forward_calls("dots_attention"), forward_calls("dots_no_batch")
+    assert 0 < kept < rerun

@@ -366,6 +366,7 @@ def _stacked(state):
         ("full", True),
         ("dots", True),
         ("dots_no_batch", True),
+        ("dots_attention", True),
         ("qkv", True),
         ("none", False),
         ("full", False),
@@ -419,3 +420,19 @@ def test_dropout_only_with_a_key(make_config):
     # A model built with dropout 0 ignores the key.
     with_key = np.asarray(_forward_with_key(plain, *batch, jax.random.key(1)))
     np.testing.assert_array_equal(with_key, no_key)
+
+
+def test_dots_attention_saves_the_fused_attention_forward_and_nothing_else_new():
+    """remat=dots_attention keeps what dots_no_batch keeps, plus the outputs of jax's cuDNN
+    attention forward (the primitive itself only runs on GPUs)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    from jaxformer.model.decoder import REMAT_POLICIES, fused_attention_outputs
+
+    assert fused_attention_outputs(cudnn._dot_product_attention_fwd_p_wrapper)
+    assert fused_attention_outputs(cudnn._dot_product_attention_fwd_p)
+    assert not fused_attention_outputs(jax.lax.exp_p)
+    assert not fused_attention_outputs(jax.lax.dot_general_p)
+    policy = REMAT_POLICIES["dots_attention"]
+    assert policy(cudnn._dot_product_attention_fwd_p_wrapper)
+    assert not policy(jax.lax.exp_p)
