@@ -23,14 +23,15 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 'optax', optax.__version__, jax.devices())"
 
 JAXFORMER_TEST_PLATFORMS=cuda timeout 90 python3 -m pytest -q -n 0 -p no:cacheprovider \
-    tests/test_attention.py -k cudnn 2>&1 | tail -n 15
+    tests/test_attention.py -k "cudnn or dots_attention" 2>&1 | tail -n 15
 
 bench() {  # timeout stops the parent only: end its per-config child too
     timeout "$1" python3 tools/benchmark.py "${@:2}" --write --output="$out/BENCHMARKS.md"
     pkill -f tools/benchmark.py
 }
-bench 160 --config.train.microbatches=1 --steps=8 --warmup=2 \
+bench 200 --config.train.microbatches=1 --steps=8 --warmup=2 \
     --config=configs/llama_1b.py --config.train.global_batch=16 \
+    --config=configs/llama_1b.py --config.train.global_batch=16 --config.model.remat=dots_no_batch \
     --config=configs/llama_1b.py --config.train.global_batch=8 --config.model.remat=none
 # Packed rows (4 documents each) take the segment-mask path: the cost of packing.
 bench 70 --config.train.microbatches=1 --steps=8 --warmup=2 --documents=4 \

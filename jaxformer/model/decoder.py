@@ -31,7 +31,7 @@ _dense_outputs = _policies.save_only_these_names("dense")  # layers.Dense's prod
 def fused_attention_outputs(prim, *_, **__) -> bool:
     """Saves what cuDNN's fused attention forward returns (its output and softmax
     statistics, the residuals of its backward kernel), so the backward does not run the
-    forward kernel again; on an H100 that rerun was 1.0-1.4 ms of each llama_1b layer."""
+    forward kernel again: llama_1b's step on an H100 went from 0.519 to 0.504 s."""
     return prim.name.startswith("dot_product_attention_fwd")
 
 
