@@ -334,3 +334,9 @@ def test_profile_step_runs_a_config_end_to_end(capsys):
     out = capsys.readouterr().out
     assert "device busy" in out and "| kind | ms/step | share of busy |" in out
     assert ".trace.json.gz" in out
+
+
+def test_benchmark_rows_name_the_commit_given_where_the_history_is_missing(monkeypatch):
+    assert benchmark.git_commit() != "unknown"  # this checkout has its history
+    monkeypatch.setenv("JAXFORMER_COMMIT", "abc1234")
+    assert benchmark.git_commit() == "abc1234"

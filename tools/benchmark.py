@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import shlex
 import statistics
@@ -199,7 +200,10 @@ def with_peaks(results: list[dict], platform: str) -> list[dict]:
 
 
 def git_commit() -> str:
-    """The checkout's short commit, with +dirty for uncommitted tracked changes."""
+    """The checkout's short commit, with +dirty for uncommitted tracked changes;
+    ``JAXFORMER_COMMIT`` instead where the tree was copied without its history."""
+    if os.environ.get("JAXFORMER_COMMIT"):
+        return os.environ["JAXFORMER_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -5,6 +5,9 @@
 #
 #     bash tools/gpu_mfu.sh OUT_DIR      # rows go to OUT_DIR/BENCHMARKS.md (a copy)
 #
+# Where the tree is copied to the GPU machine without its git history, name the commit:
+# JAXFORMER_COMMIT=$(git rev-parse --short HEAD) (tools/benchmark.py writes it in the rows).
+#
 # Made for a lent H100/H200 with jax, flax and optax installed but no network: jaxformer
 # runs from the checkout (PYTHONPATH), ml_collections from a wheel if one is in .whl/.
 set -uo pipefail
