@@ -63,9 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.relative_max_distance = 128  # t5: distance beyond which buckets saturate
     m.dropout = 0.0
     m.scan_layers = True
-    m.remat = (
-        "none"  # none | full | dots | dots_no_batch | dots_attention | qkv (docs/performance.md)
-    )
+    # What the backward keeps (docs/performance.md):
+    m.remat = "none"  # none | full | dots | dots_no_batch | dots_attention | qkv
     # einsum (reference) | dot_product (jax.nn, cuDNN on GPU) | splash (Pallas, TPU, decoders)
     m.attention_impl = "einsum"
     m.sliding_window = 0  # attend only to the last N positions; 0 = unlimited

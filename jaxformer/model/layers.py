@@ -440,8 +440,8 @@ def sdpa_backend(platform: str, dtype: Any, head_dim: int) -> str:
 
 def _skip_mask_when_unpacked(q_BxLxHxDh: jax.Array) -> bool:
     """Whether causal self-attention checks, per step, for rows without packing and then
-    runs cuDNN with no mask. cuDNN takes a mask as a dense [B, 1, L, L] bias, which it
-    builds and reads per layer and head: on an H100, llama_1b's attention ran at about
+    runs cuDNN with no mask. jax hands cuDNN a mask as a dense [B, 1, L, L] bias, made in
+    every layer and read for every head: on an H100, llama_1b's attention ran at about
     200 TFLOP/s with it (docs/performance.md)."""
     dtype, head_dim = q_BxLxHxDh.dtype, q_BxLxHxDh.shape[-1]
     return sdpa_backend(jax.default_backend(), dtype, head_dim) == "cudnn"
