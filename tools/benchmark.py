@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         use_huge_pages()  # as `jaxformer train` does (jaxformer/host.py); returns if done
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
+    if args.documents < 1:
+        parser.error(f"--documents must be at least 1, got {args.documents}")
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognised arguments: {unknown}")
