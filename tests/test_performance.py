@@ -1,6 +1,7 @@
 """The speed work keeps the math: the weight-gradient order of Dense, the remat policies
 that must still see Dense's products; and the huge-page malloc of the entry points."""
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from jaxformer.model.layers import (
     dot_product_attention,
     mlp_activation,
     self_attention_mask,
+    tied_logits,
 )
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -340,3 +342,47 @@ def test_benchmark_rows_name_the_commit_given_where_the_history_is_missing(monke
     assert benchmark.git_commit() != "unknown"  # this checkout has its history
     monkeypatch.setenv("JAXFORMER_COMMIT", "abc1234")
     assert benchmark.git_commit() == "abc1234"
+
+
+def _equations(jaxpr, primitive: str):
+    """Every equation of ``primitive`` in a jaxpr and the jaxprs nested in its equations."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner, primitive)
+
+
+def test_tied_logits_gradient_is_autodiffs_in_float32_and_runs_bf16_products_in_bf16():
+    """The tied vocabulary projection: exactly autodiff's gradient in float32; in bf16 its
+    backward products take bf16 operands (autodiff's took the float32 cotangent, which
+    made them float32 products), with float32 results close to the float32 gradient."""
+    kx, kt, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 5, 16))
+    table = jax.random.normal(kt, (40, 16)) * 0.3
+    probe = jax.random.normal(kg, (2, 5, 40))
+
+    def loss(f, x, table):
+        return jnp.sum(f(x, table) * probe)
+
+    def plain(x, table):
+        return jnp.einsum("bld,vd->blv", x, table, preferred_element_type=jnp.float32)
+
+    got = jax.grad(functools.partial(loss, tied_logits), argnums=(0, 1))(x, table)
+    want = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(x, table)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+    xb, tb = x.astype(jnp.bfloat16), table.astype(jnp.bfloat16)
+    grad = jax.grad(functools.partial(loss, tied_logits), argnums=(0, 1))
+    dots = list(_equations(jax.make_jaxpr(grad)(xb, tb).jaxpr, "dot_general"))
+    assert len(dots) == 3  # the forward product and the two backward ones
+    operand_dtypes = {str(v.aval.dtype) for e in dots for v in e.invars}
+    assert operand_dtypes == {"bfloat16"}, operand_dtypes
+    gx, gt = grad(xb, tb)
+    assert gx.dtype == jnp.bfloat16 and gt.dtype == jnp.bfloat16
+    np.testing.assert_allclose(gx.astype(np.float32), want[0], rtol=5e-2, atol=5e-2)
+    np.testing.assert_allclose(gt.astype(np.float32), want[1], rtol=5e-2, atol=5e-2)

@@ -19,7 +19,15 @@ from flax import nnx
 
 from jaxformer.model.decoder import ModelConfig
 from jaxformer.model.encoder_decoder import EncoderBlock, _scan, _stack
-from jaxformer.model.layers import Dense, Norm, attention_mask, dropout, param, stack_hidden
+from jaxformer.model.layers import (
+    Dense,
+    Norm,
+    attention_mask,
+    dropout,
+    param,
+    stack_hidden,
+    tied_logits,
+)
 from jaxformer.parallel import constrain
 
 
@@ -104,10 +112,8 @@ class Bert(nnx.Module):
         """Float32 masked-LM logits: transform (dense, exact GELU, LayerNorm), then the
         tied word table plus an output bias."""
         h_BxLxD = self.mlm_norm(jax.nn.gelu(self.mlm_dense(x_BxLxD), approximate=False))
-        logits_BxLxV = jnp.einsum(
-            "bld,vd->blv", h_BxLxD, self.embed[...].astype(self.cfg.dtype),
-            preferred_element_type=jnp.float32,
-        )  # fmt: skip
+        table_VxD = self.embed[...].astype(self.cfg.dtype)
+        logits_BxLxV = tied_logits(h_BxLxD.astype(self.cfg.dtype), table_VxD)
         logits_BxLxV = logits_BxLxV + self.mlm_bias[...]
         return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
 
