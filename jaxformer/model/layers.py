@@ -88,7 +88,7 @@ def tied_logits(x_BxLxD: jax.Array, table_VxD: jax.Array) -> jax.Array:
 
     Left to autodiff, the float32 cotangent of float32 logits meets the bf16 operands and
     both backward products of the vocabulary projection run in float32 (on an H100, GPT-2
-    124M's tied head ran as TF32 kernels, 35 of a 126 ms step). Here the cotangent is cast
+    124M's took 35 ms of a 126 ms step, its bf16 forward 7.8 ms). Here the cotangent is cast
     to the operands' dtype first, as the untied head's ``Dense(...).astype(float32)`` does;
     products accumulate in float32. In float32 this is exactly autodiff's gradient.
     """
