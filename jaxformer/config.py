@@ -65,8 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.scan_layers = True
     # What the backward keeps (docs/performance.md):
     m.remat = "none"  # none | full | dots | dots_no_batch | dots_attention | qkv
-    # einsum (reference) | dot_product (jax.nn, cuDNN on GPU) | splash (Pallas, TPU, decoders)
-    m.attention_impl = "einsum"
+    # auto (dot_product where cuDNN runs, else einsum) | einsum (reference)
+    # | dot_product (jax.nn, cuDNN on GPU) | splash (Pallas, TPU, decoders)
+    m.attention_impl = "auto"
     m.sliding_window = 0  # attend only to the last N positions; 0 = unlimited
     m.moe_experts = 0  # experts per MoE MLP; 0 = dense MLP
     m.moe_top_k = 2  # experts each token is routed to
@@ -174,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.family": ("decoder", "encoder_decoder", "bert", "t5"),
     "model.position": ("rope", "learned", "sinusoidal", "alibi", "none"),
-    "model.attention_impl": ("einsum", "dot_product", "splash"),
+    "model.attention_impl": ("auto", "einsum", "dot_product", "splash"),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("swiglu", "geglu", "gelu", "gelu_exact", "relu"),

@@ -147,6 +147,18 @@ def test_sdpa_backend_asks_for_cudnn_only_where_it_runs() -> None:
     assert layers.sdpa_backend("tpu", jnp.bfloat16, 64) == "xla"
 
 
+def test_auto_attention_is_cudnn_where_it_runs_and_the_einsum_reference_elsewhere() -> None:
+    assert base_config().model.attention_impl == "auto"  # the default
+    resolve = layers.attention_implementation
+    assert resolve("auto", jnp.bfloat16, 64, "gpu") == "dot_product"
+    assert resolve("auto", jnp.float32, 64, "gpu") == "einsum"  # cuDNN's kernel: 16-bit
+    assert resolve("auto", jnp.bfloat16, 256, "gpu") == "einsum"
+    assert resolve("auto", jnp.bfloat16, 64, "cpu") == "einsum"
+    assert resolve("auto", jnp.bfloat16, 64, "tpu") == "einsum"  # splash only by name
+    for name in ("einsum", "dot_product", "splash"):
+        assert resolve(name, jnp.bfloat16, 64, "gpu") == name
+
+
 def test_dot_product_falls_back_to_xla_when_cudnn_refuses(monkeypatch, caplog) -> None:
     """Asked for cuDNN where it cannot run (here: no GPU), the step still runs, on XLA's
     attention, equal to the einsum reference, and says why."""

@@ -468,6 +468,19 @@ def sdpa_backend(platform: str, dtype: Any, head_dim: int) -> str:
     return "cudnn" if platform == "gpu" and fits else "xla"
 
 
+def attention_implementation(
+    name: str, dtype: Any, head_dim: int, platform: str | None = None
+) -> str:
+    """``model.attention_impl`` resolved: ``auto`` is ``dot_product`` where cuDNN's fused
+    kernel runs (:func:`sdpa_backend`: GPUs, bf16/fp16, head dims it takes) and the
+    ``einsum`` reference elsewhere (CPUs, float32, TPUs, where ``splash`` is asked for by
+    name); any other name is kept."""
+    if name != "auto":
+        return name
+    platform = platform or jax.default_backend()
+    return "dot_product" if sdpa_backend(platform, dtype, head_dim) == "cudnn" else "einsum"
+
+
 def _skip_mask_when_unpacked(q_BxLxHxDh: jax.Array) -> bool:
     """Whether causal self-attention checks, per step, for rows without packing and then
     runs cuDNN with no mask. jax hands cuDNN a mask as a dense [B, 1, L, L] bias, made in
@@ -604,7 +617,8 @@ class Attention(nnx.Module):
             bias_BxHxLxS = alibi if bias_BxHxLxS is None else bias_BxHxLxS + alibi
         out = dot_product_attention(
             q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias_BxHxLxS,
-            implementation=cfg.attention_impl, scale=self.scale, return_probs=return_probs,
+            implementation=attention_implementation(cfg.attention_impl, cfg.dtype, cfg.head_dim),
+            scale=self.scale, return_probs=return_probs,
         )  # fmt: skip
         out_BxLxHxDh, probs_BxHxLxS = out if return_probs else (out, None)
         out_BxLxHxDh = constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None))
