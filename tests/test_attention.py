@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -149,14 +150,16 @@ def test_sdpa_backend_asks_for_cudnn_only_where_it_runs() -> None:
 
 def test_auto_attention_is_cudnn_where_it_runs_and_the_einsum_reference_elsewhere() -> None:
     assert base_config().model.attention_impl == "auto"  # the default
-    resolve = layers.attention_implementation
-    assert resolve("auto", jnp.bfloat16, 64, "gpu") == "dot_product"
-    assert resolve("auto", jnp.float32, 64, "gpu") == "einsum"  # cuDNN's kernel: 16-bit
-    assert resolve("auto", jnp.bfloat16, 256, "gpu") == "einsum"
-    assert resolve("auto", jnp.bfloat16, 64, "cpu") == "einsum"
-    assert resolve("auto", jnp.bfloat16, 64, "tpu") == "einsum"  # splash only by name
+    resolve = functools.partial(layers.attention_implementation, causal_self=True)
+    assert resolve("auto", jnp.bfloat16, 64, platform="gpu") == "dot_product"
+    assert resolve("auto", jnp.float32, 64, platform="gpu") == "einsum"  # cuDNN: 16-bit
+    assert resolve("auto", jnp.bfloat16, 256, platform="gpu") == "einsum"
+    assert resolve("auto", jnp.bfloat16, 64, platform="cpu") == "einsum"
+    assert resolve("auto", jnp.bfloat16, 64, platform="tpu") == "einsum"  # splash by name
+    # Encoders, cross-attention and biased logits keep the reference unless asked.
+    assert resolve("auto", jnp.bfloat16, 64, causal_self=False, platform="gpu") == "einsum"
     for name in ("einsum", "dot_product", "splash"):
-        assert resolve(name, jnp.bfloat16, 64, "gpu") == name
+        assert resolve(name, jnp.bfloat16, 64, causal_self=False, platform="gpu") == name
 
 
 def test_dot_product_falls_back_to_xla_when_cudnn_refuses(monkeypatch, caplog) -> None:

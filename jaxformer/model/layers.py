@@ -469,16 +469,18 @@ def sdpa_backend(platform: str, dtype: Any, head_dim: int) -> str:
 
 
 def attention_implementation(
-    name: str, dtype: Any, head_dim: int, platform: str | None = None
+    name: str, dtype: Any, head_dim: int, *, causal_self: bool, platform: str | None = None
 ) -> str:
-    """``model.attention_impl`` resolved: ``auto`` is ``dot_product`` where cuDNN's fused
-    kernel runs (:func:`sdpa_backend`: GPUs, bf16/fp16, head dims it takes) and the
-    ``einsum`` reference elsewhere (CPUs, float32, TPUs, where ``splash`` is asked for by
-    name); any other name is kept."""
+    """``model.attention_impl`` resolved: ``auto`` is ``dot_product`` for causal
+    self-attention without a logit bias (decoder LMs: the case measured on GPUs) where
+    cuDNN's fused kernel runs (:func:`sdpa_backend`: GPUs, bf16/fp16, head dims it takes),
+    and the ``einsum`` reference elsewhere (CPUs, float32, TPUs, where ``splash`` is asked
+    for by name; encoders, cross-attention, ALiBi and T5 biases); other names are kept."""
     if name != "auto":
         return name
     platform = platform or jax.default_backend()
-    return "dot_product" if sdpa_backend(platform, dtype, head_dim) == "cudnn" else "einsum"
+    fused = causal_self and sdpa_backend(platform, dtype, head_dim) == "cudnn"
+    return "dot_product" if fused else "einsum"
 
 
 def _skip_mask_when_unpacked(q_BxLxHxDh: jax.Array) -> bool:
@@ -615,10 +617,14 @@ class Attention(nnx.Module):
         if cfg.position == "alibi" and positions is not None:
             alibi = alibi_bias(cfg.num_heads, *positions)
             bias_BxHxLxS = alibi if bias_BxHxLxS is None else bias_BxHxLxS + alibi
+        causal_self = isinstance(mask_BxLxS, SegmentMask) and mask_BxLxS.causal
+        implementation = attention_implementation(
+            cfg.attention_impl, cfg.dtype, cfg.head_dim,
+            causal_self=causal_self and bias_BxHxLxS is None,
+        )  # fmt: skip
         out = dot_product_attention(
             q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias_BxHxLxS,
-            implementation=attention_implementation(cfg.attention_impl, cfg.dtype, cfg.head_dim),
-            scale=self.scale, return_probs=return_probs,
+            implementation=implementation, scale=self.scale, return_probs=return_probs,
         )  # fmt: skip
         out_BxLxHxDh, probs_BxHxLxS = out if return_probs else (out, None)
         out_BxLxHxDh = constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None))
