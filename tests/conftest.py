@@ -7,8 +7,8 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
 # CPU unless asked: the mesh tests need the simulated devices. On a GPU machine
-# `JAXFORMER_TEST_PLATFORMS=cuda pytest -n 0 tests/test_attention.py -k cudnn` runs the
-# GPU-only tests (docs/performance.md).
+# `JAXFORMER_TEST_PLATFORMS=cuda pytest -n 0 tests/test_attention.py -k "cudnn or
+# dots_attention"` runs the GPU-only tests (docs/performance.md).
 os.environ["JAX_PLATFORMS"] = os.environ.get("JAXFORMER_TEST_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402

@@ -131,7 +131,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, documents:
     return {
         "device": device_description(),
         "platform": device.platform,
-        "config": " ".join([Path(config).name, *overrides, *documents_flag(documents)]),
+        "config": config_label(config, overrides, documents),
         "params": count.params,
         "shape": f"{cfg.train.global_batch} x {cfg.data.seq_len}",
         "step_time": f"{step_time:.3f} ({spread[0]:.3f}-{spread[1]:.3f})",
@@ -146,8 +146,10 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, documents:
     }
 
 
-def documents_flag(documents: int) -> list[str]:
-    return [f"--documents={documents}"] if documents != 1 else []
+def config_label(config: str, overrides: list[str], documents: int) -> str:
+    """A row's config cell: the file, its overrides, and ``--documents`` if not 1."""
+    packed = [f"--documents={documents}"] if documents != 1 else []
+    return " ".join([Path(config).name, *overrides, *packed])
 
 
 def bench_in_child(
@@ -174,8 +176,7 @@ def bench_in_child(
     errors = [line for line in lines if "Error" in line.split(":")[0]]
     error = (errors or lines or [f"exit status {proc.returncode}"])[-1]
     sys.stderr.write("\n".join(lines[-20:]) + "\n")
-    label = " ".join([Path(config).name, *overrides, *documents_flag(documents)])
-    return {"config": label, "error": error[:300]}
+    return {"config": config_label(config, overrides, documents), "error": error[:300]}
 
 
 def with_peaks(results: list[dict], platform: str) -> list[dict]:
