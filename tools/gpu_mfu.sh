@@ -25,22 +25,27 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version 
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())"
 
-JAXFORMER_TEST_PLATFORMS=cuda timeout 90 python3 -m pytest -q -n 0 -p no:cacheprovider \
-    tests/test_attention.py -k "cudnn or dots_attention" 2>&1 | tail -n 15
+if [ "${GPU_TESTS:-1}" = 1 ]; then  # GPU_TESTS=0 skips them when device time is short
+    JAXFORMER_TEST_PLATFORMS=cuda timeout 90 python3 -m pytest -q -n 0 -p no:cacheprovider \
+        tests/test_attention.py -k "cudnn or dots_attention" 2>&1 | tail -n 15
+fi
 
 bench() {  # timeout stops the parent only: end its per-config child too
     timeout "$1" python3 tools/benchmark.py "${@:2}" --write --output="$out/BENCHMARKS.md"
     pkill -f tools/benchmark.py
 }
-bench 200 --config.train.microbatches=1 --steps=8 --warmup=2 \
-    --config=configs/llama_1b.py --config.train.global_batch=16 \
-    --config=configs/llama_1b.py --config.train.global_batch=16 --config.model.remat=dots_no_batch \
-    --config=configs/llama_1b.py --config.train.global_batch=8 --config.model.remat=none
-# Packed rows (4 documents each) take the segment-mask path: the cost of packing.
-bench 70 --config.train.microbatches=1 --steps=8 --warmup=2 --documents=4 \
-    --config=configs/llama_1b.py --config.train.global_batch=16
-bench 90 --config.train.microbatches=1 --config.model.attention_impl=dot_product \
-    --steps=10 --warmup=2 \
-    --config=configs/gpt2_124m.py --config.train.global_batch=32 \
-    --config=configs/gpt2_124m.py --config.train.global_batch=64
+# llama_1b as configured (remat=dots_attention, scanned layers) against unrolled layers
+# (no stacked residuals to copy), then 32 rows in two microbatches (one optimizer update
+# for twice the tokens).
+bench 150 --steps=6 --warmup=2 \
+    --config=configs/llama_1b.py --config.train.global_batch=16 --config.train.microbatches=1 \
+    --config=configs/llama_1b.py --config.train.global_batch=16 --config.train.microbatches=1 \
+    --config.model.scan_layers=False
+bench 170 --steps=4 --warmup=2 \
+    --config=configs/llama_1b.py --config.train.global_batch=32 --config.train.microbatches=2 \
+    --config=configs/llama_1b.py --config.train.global_batch=32 --config.train.microbatches=2 \
+    --config.model.scan_layers=False
+# GPT-2 124M with attention_impl=auto (cuDNN) and the tied head's backward in bf16.
+bench 60 --steps=8 --warmup=2 \
+    --config=configs/gpt2_124m.py --config.train.global_batch=64 --config.train.microbatches=1
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv
