@@ -135,6 +135,10 @@ def _kill_chain(directory: Path, kills: int, rng: random.Random) -> tuple[list[i
             proc.kill()
             proc.wait()
             break
+        # Two saves handed over means the first is committed: every start makes progress
+        # however slow the machine, and the kill still lands at a random moment after.
+        for _ in range(2):
+            assert proc.stdout.readline().startswith("saved"), proc.stderr.read()[-3000:]
         time.sleep(rng.uniform(0.05, 1.0))
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         proc.send_signal(signal.SIGKILL)

@@ -1,7 +1,8 @@
 """Fault-injection worker: restore the newest checkpoint, check it is whole, then save
 new ones back to back until killed (tests/test_reliability.py sends SIGKILL at random
 moments). Every array of the checkpoint for step s holds s, so a partial or mixed
-checkpoint cannot pass the check. Prints ``resumed STEP`` once restored."""
+checkpoint cannot pass the check. Prints ``resumed STEP`` once restored and ``saved STEP``
+each time a save has been handed to Orbax (the one before it is then committed)."""
 
 import sys
 
@@ -33,6 +34,7 @@ def main(directory: str) -> None:
     print(f"resumed {start}", flush=True)
     for step in range(start + 1, start + 100_000):
         ckpt.save(step, state_at(step), {"step": step}, {"step": step})
+        print(f"saved {step}", flush=True)
 
 
 if __name__ == "__main__":
