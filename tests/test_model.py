@@ -182,25 +182,28 @@ def test_sinusoidal_matches_formula():
 # -- scan and loop layers -----------------------------------------------------------------
 
 
-def _copy_scanned_into_loop(scanned, loop):
-    """Gives the per-layer model the scanned model's parameters, layer by layer."""
-    source = dict(nnx.to_flat_state(_params(scanned)))
-    flat = []
-    for path, var in nnx.to_flat_state(_params(loop)):
-        if path[0] == "blocks":
-            value = source[("blocks", *path[2:])].get_value()[path[1]]
-        else:
-            value = source[path].get_value()
-        assert value.shape == var.get_value().shape, path
-        flat.append((path, var.replace(value)))
-    nnx.update(loop, nnx.from_flat_state(flat))
-
-
-def test_scan_and_loop_layers_agree(make_config):
+def test_loop_layers_start_as_the_scanned_stack_and_agree(make_config):
+    # One seed, one set of weights: unrolled layers are the scanned stack's slices, so a run
+    # can switch layouts (model.scan_layers) and start from the same model.
     scanned = _build(make_config({"model.num_layers": 3}))
     loop = _build(make_config({"model.num_layers": 3, "model.scan_layers": False}))
-    assert count_params(_params(scanned)) == count_params(_params(loop))
-    _copy_scanned_into_loop(scanned, loop)
+    stacked = dict(nnx.to_flat_state(_params(scanned)))
+    flat_loop = list(nnx.to_flat_state(_params(loop)))
+    assert len(flat_loop) == 3 * sum(p[0] == "blocks" for p in stacked) + sum(
+        p[0] != "blocks" for p in stacked
+    )
+    for path, var in flat_loop:
+        if path[0] == "blocks":
+            want = stacked[("blocks", *path[2:])].get_value()[path[1]]
+        else:
+            want = stacked[path].get_value()
+        np.testing.assert_array_equal(var.get_value(), want, err_msg=str(path))
+        assert (
+            var.get_metadata()["out_sharding"]
+            == stacked[("blocks", *path[2:]) if path[0] == "blocks" else path].get_metadata()[
+                "out_sharding"
+            ][path[0] == "blocks" :]
+        ), path
     rng = np.random.default_rng(3)
     batch = _batch(_rows(rng.integers(1, 128, 5), rng.integers(1, 128, 9)))
     a = np.asarray(_forward(scanned, *batch))
@@ -373,12 +376,10 @@ def _stacked(state):
     ],
 )
 def test_remat_gives_same_loss_and_grads(make_config, remat_reference, remat, scan):
-    cfg, batch, key, (loss, grads) = remat_reference
+    _, batch, key, (loss, grads) = remat_reference
     model = _build(
         make_config({"model.dropout": 0.1, "model.remat": remat, "model.scan_layers": scan})
     )
-    if not scan:  # the per-layer model gets the reference's parameters
-        _copy_scanned_into_loop(_build(cfg), model)
     got_loss, got_grads = _loss_and_grads(model, batch, key)
     assert float(got_loss) == pytest.approx(float(loss), rel=1e-6)
     got, want = _stacked(got_grads), _stacked(grads)
