@@ -16,10 +16,12 @@ decay 0.1, clip 1.0, peak lr 4e-4, 2000 warmup steps, cosine to 10%; 2M-token ba
 (1024 x 2048) in 8 microbatches. Float32 parameters, gradients and AdamW moments take
 17.6 GB; compute in bf16, attention through cuDNN on GPUs (``attention_impl=dot_product``).
 Measured on one H100 80GB (BENCHMARKS.md): 16 x 2048 tokens per step with
-``microbatches=1`` and this remat policy (``dots_attention``: the projections and cuDNN's
-attention output kept), 0.504 s a step, 65,000 tokens/s, 48.1% MFU, 48 GiB;
-``dots_no_batch`` 0.519 s (46.7%, 45 GiB); packed rows 0.566 s (42.8%, the segment mask
-reaches cuDNN as a bias).
+``microbatches=1``, layers unrolled (``scan_layers=False``: the scan's copies in and out of
+its stacked buffers cost ~30 ms a step) and this remat policy (``dots_attention``: the
+projections and cuDNN's attention output kept), 0.476 s a step, 68,800 tokens/s, 50.9% MFU,
+46 GiB; scanned 0.504 s (48.1%); ``dots_no_batch`` 0.519 s (46.7%); packed rows 0.566 s
+(42.8%, the segment mask reaches cuDNN as a bias). Pipeline stages (``mesh.stage``) need
+``scan_layers=True``.
 """
 
 from jaxformer.config import sibling_config
@@ -36,6 +38,7 @@ def get_config():
     m.max_len = 2048
     m.attention_impl = "dot_product"
     m.remat = "dots_attention"
+    m.scan_layers = False
     c.data.seq_len = 2048
     c.optimizer.lr = 4e-4
     c.train.steps = 1_430_512  # 3T tokens / 2M-token batches, as TinyLlama
