@@ -4,6 +4,12 @@ the built-in corpus, byte-level. Used by tools/benchmark.py for the larger CPU f
     jaxformer train --config=configs/decoder_100m.py
 
 Too slow to train to convergence on a CPU; on an accelerator use --config.model.dtype=bfloat16.
+
+Set for CPU speed, measured side by side (BENCHMARKS.md, 2026-11-27): layers unrolled
+(``scan_layers=False``: no copies in and out of the scan's stacked residuals) and the
+32-row batch in 8 microbatches of 4 rows (a working set that stays in cache), 30.3 s a
+step, 70.5% of the matmul peak measured in the same run; scanned as one batch 42-45 s.
+Same loss either way (gradient accumulation sums the same token losses).
 """
 
 from jaxformer.config import base_config
@@ -16,11 +22,13 @@ def get_config():
     c.model.num_heads = 12
     c.model.d_ff = 2048
     c.model.max_len = 1024
+    c.model.scan_layers = False
     c.data.seq_len = 512
     c.optimizer.lr = 6e-4
     c.optimizer.warmup_steps = 200
     c.train.steps = 5000
     c.train.global_batch = 32
+    c.train.microbatches = 8
     c.train.eval_every = 500
     c.train.checkpoint_every = 500
     c.train.run_dir = "runs/decoder_100m"
