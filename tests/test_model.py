@@ -193,17 +193,13 @@ def test_loop_layers_start_as_the_scanned_stack_and_agree(make_config):
         p[0] != "blocks" for p in stacked
     )
     for path, var in flat_loop:
-        if path[0] == "blocks":
-            want = stacked[("blocks", *path[2:])].get_value()[path[1]]
-        else:
-            want = stacked[path].get_value()
+        in_stack = path[0] == "blocks"
+        source = stacked[("blocks", *path[2:])] if in_stack else stacked[path]
+        want = source.get_value()[path[1]] if in_stack else source.get_value()
         np.testing.assert_array_equal(var.get_value(), want, err_msg=str(path))
-        assert (
-            var.get_metadata()["out_sharding"]
-            == stacked[("blocks", *path[2:]) if path[0] == "blocks" else path].get_metadata()[
-                "out_sharding"
-            ][path[0] == "blocks" :]
-        ), path
+        # The same logical axes, less the stack's leading "layers".
+        axes = source.get_metadata()["out_sharding"][in_stack:]
+        assert var.get_metadata()["out_sharding"] == axes, path
     rng = np.random.default_rng(3)
     batch = _batch(_rows(rng.integers(1, 128, 5), rng.integers(1, 128, 9)))
     a = np.asarray(_forward(scanned, *batch))

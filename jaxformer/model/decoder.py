@@ -182,8 +182,8 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         self._init_embeddings(cfg, rngs)
         # The layers are initialised as one stack either way: unrolled layers are its
         # slices, so both layouts start from the same weights for a seed, and the init
-        # program holds one random draw per weight, not one per weight and layer (22
-        # layers unrolled took 10x longer to compile).
+        # program holds one random draw per weight, not one per weight and layer (with 22
+        # layers unrolled one by one it compiled in 17.5 s instead of 2.9 s on CPU).
         layer_axis = {nnx.PARTITION_NAME: "layers"} if cfg.scan_layers else {}
 
         @nnx.split_rngs(splits=cfg.num_layers)
