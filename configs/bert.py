@@ -14,7 +14,7 @@ redrawn every epoch), [MASK] being the first id after the tokenizer's vocabulary
 another document, loss = MLM + NSP (``jaxformer/data/bert_tasks.py``); evaluation reports
 ``nsp_accuracy`` beside the MLM metrics. Fine-tune the result as a classifier with
 configs/bert_classify.py (``train.init_from``). Hugging Face weights load and save with
-:mod:`jaxformer.model.hf_bert`.
+:mod:`jaxformer.hf.bert`.
 
 ``tiny`` (2 x 128, 2 heads) and ``mini`` (4 x 256, 4 heads) have the shapes of Turc et
 al. (2019)'s BERT-Tiny and BERT-Mini with jaxformer's byte vocabulary (384 ids), 128-token

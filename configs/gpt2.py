@@ -18,7 +18,7 @@ to the token table and counted once.
 Architecture as GPT-2: pre-LN with a final LayerNorm (eps 1e-5, with bias), GELU (tanh
 approximation, HF ``gelu_new``), learned positions, tied embeddings, biases everywhere,
 d_ff = 4 x d_model, vocabulary 50257. Weights load from and save to ``transformers``
-with ``jaxformer.model.hf`` (docs/models.md).
+with ``jaxformer.hf`` (docs/models.md).
 
 Tokenizer: GPT-2's byte-level BPE is not shipped with jaxformer, so the data pipeline
 uses the byte tokenizer (259 ids; every id is < 50257, so the table keeps GPT-2's shape

@@ -11,7 +11,7 @@ Architecture as LLaMA-2 7B: pre-norm RMSNorm (eps 1e-5, scale only), SwiGLU MLP 
 11008, RoPE with base 10000 rotating the two halves of each head (as Hugging Face's
 ``rotate_half``), 32 query and 32 KV heads (the 70B model's GQA is
 ``--config.model.num_kv_heads=8``), context 4096, no biases, untied output, vocabulary
-32000. Weights load from and save to ``transformers`` with ``jaxformer.model.hf``.
+32000. Weights load from and save to ``transformers`` with ``jaxformer.hf``.
 
 Tokenizer: LLaMA's SentencePiece model is not shipped with jaxformer; the pipeline uses
 the byte tokenizer (259 ids < 32000). Train a 32000-piece model with

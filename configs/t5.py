@@ -16,7 +16,7 @@ positions, relative position bias (32 buckets, max distance 128, one table per s
 pre-norm scale-only RMSNorm (eps 1e-6), ReLU MLP, no biases, no 1/sqrt(d_k) scaling,
 output tied to the embedding with the decoder output scaled by d_model^-0.5. For T5.1.1 set
 ``model.mlp='geglu'`` and ``model.tie_embeddings=False``. Weights load from and save to
-``transformers`` with ``jaxformer.model.hf_t5``.
+``transformers`` with ``jaxformer.hf.t5``.
 
 Training follows the paper's pre-training: Adafactor, batch 128 x 512 tokens, 2^19 steps,
 lr = 1/sqrt(max(t, 10^4)). jaxformer's ``rsqrt`` schedule is

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -26,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer.attention.masks import segments_and_positions as _segments_and_positions
 from jaxformer.data.tokenizers import PAD_ID
-from jaxformer.model.layers import segments_and_positions as _segments_and_positions
 
 Cache = dict[str, jax.Array]
 NEG_INF = -jnp.inf
@@ -592,44 +591,3 @@ def sequence_log_probs(
     logprobs_BxNxV = jnp.take_along_axis(logprobs_BxLxV, slot_BxN[:, :, None], axis=1)
     token_lp_BxN = jnp.take_along_axis(logprobs_BxNxV, tokens_BxN[:, :, None], axis=2)[..., 0]
     return jnp.sum(jnp.where(j_N[None] < lengths_B[:, None], token_lp_BxN, 0.0), axis=1)
-
-
-# -- checkpoints --------------------------------------------------------------------------
-
-
-def restore_model(cfg: Any, rules: Any = None) -> tuple[Any, int, Any]:
-    """The model of the latest checkpoint in ``cfg.train.run_dir``, its step and its mesh.
-
-    Unlike ``train.loop.setup`` it opens no dataset and writes nothing into the run
-    directory: generating needs neither. Raises ConfigError naming ``train.run_dir``
-    when there is no checkpoint.
-    """
-    # Imported here so that decoding alone does not load the optimizer and Orbax.
-    from jaxformer import parallel
-    from jaxformer.config import ConfigError, validate
-    from jaxformer.train.checkpoint import Checkpointer, abstract_like
-    from jaxformer.train.optim import make_optimizer
-    from jaxformer.train.step import init_state
-
-    rules = parallel.DEFAULT_RULES if rules is None else rules
-    mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
-    directory = Path(cfg.train.run_dir) / "checkpoints"
-    missing = ConfigError(f"no checkpoint in '{cfg.train.run_dir}' (train.run_dir)")
-    if not directory.is_dir():  # checked first: the checkpointer would create it
-        raise missing
-    checkpointer = Checkpointer(
-        directory, keep=cfg.train.keep_checkpoints, every=0, use_async=False
-    )
-    try:
-        if checkpointer.latest_step() is None:
-            raise missing
-        mesh = parallel.make_mesh(mesh_shape)
-        tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
-        graphdef, state, shardings = init_state(cfg, tx, mesh, rules)
-        restored = checkpointer.restore_latest(abstract_like(state, shardings))
-        if restored is None:
-            raise missing
-        state, step = restored.state, restored.step
-    finally:
-        checkpointer.close()
-    return nnx.merge(graphdef, state.params), step, mesh

@@ -45,12 +45,25 @@ class FlopCount:
         return float(self.train_flops_per_token) * tokens
 
 
-def count(model_cfg: Any, seq_len: int) -> FlopCount:
-    """Counts a config's model (``cfg.model``) analytically, without building it."""
-    m = model_cfg
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """Parameter counts of a decoder stack's pieces, which families combine."""
+
+    attn: int  # one attention block's projections
+    attn_bias: int
+    block: int  # one layer: attention, MLP (every expert), norms, biases
+    active_mlp: int  # the MLP parameters one token multiplies (MoE: top-k and router)
+    norm: int
+    final_norm: int
+    embedding: int
+    head: int
+    attention_flops_per_layer: int
+
+
+def _parts(m: Any, seq_len: int) -> _Parts:
     heads, kv = m.num_heads, m.num_kv_heads or m.num_heads
     dh = m.head_dim or m.d_model // heads
-    d, f, v, layers = m.d_model, m.d_ff, m.vocab_size, m.num_layers
+    d, f, v = m.d_model, m.d_ff, m.vocab_size
     attn = d * heads * dh + 2 * d * kv * dh + heads * dh * d
     experts = getattr(m, "moe_experts", 0)
     f = (m.moe_d_ff or f) if experts else f
@@ -66,31 +79,63 @@ def count(model_cfg: Any, seq_len: int) -> FlopCount:
     attn_bias = heads * dh + 2 * kv * dh + d if m.use_bias else 0
     mlp_bias = mlp_bias if m.use_bias else 0
     norm = (2 if m.norm == "layernorm" else 1) * d
-    final_norm = norm if m.norm_position == "pre" else 0
-    embedding = v * d + (m.max_len * d if m.position == "learned" else 0)
-    head = 0 if m.tie_embeddings else d * v
-    block = attn + attn_bias + mlp + mlp_bias + 2 * norm
-    params = layers * block + final_norm + embedding + head
-    matmul = layers * (attn + active_mlp) + d * v
-    attention_flops = layers * 2 * 2 * seq_len * heads * dh
-    family = getattr(m, "family", "decoder")
-    if family == "bert":
-        # Token types, the embedding LayerNorm, the pooler, the NSP classifier and the MLM
-        # head (dense, LayerNorm, output bias; its projection is tied to the token table).
-        types = m.type_vocab_size * d
-        embedding += types
-        params += types + 2 * d + (d * d + d) + (2 * d + 2) + (d * d + d + 2 * d + v)
-        matmul += d * d  # the MLM head's dense layer, per token
-        labels = getattr(m, "num_labels", 0)
-        params += labels * d + labels  # a sequence classifier (fine-tuning), if any
-    if family == "t5":
-        params += 2 * m.relative_buckets * heads  # one bias table per stack
-    if family in ("encoder_decoder", "t5"):
-        # Per target token, with as many source tokens as target tokens: the encoder's
-        # layers and the decoder's cross-attention (another attn block and norm) join in.
-        enc_layers = m.num_encoder_layers or layers
-        params += enc_layers * block + final_norm + layers * (attn + attn_bias + norm)
-        matmul += enc_layers * (attn + active_mlp) + layers * attn
-        attention_flops += (enc_layers + layers) * 2 * 2 * seq_len * heads * dh
-    train = 3 * (2 * matmul + attention_flops)
-    return FlopCount(params, embedding, matmul, attention_flops, train)
+    return _Parts(
+        attn=attn,
+        attn_bias=attn_bias,
+        block=attn + attn_bias + mlp + mlp_bias + 2 * norm,
+        active_mlp=active_mlp,
+        norm=norm,
+        final_norm=norm if m.norm_position == "pre" else 0,
+        embedding=v * d + (m.max_len * d if m.position == "learned" else 0),
+        head=0 if m.tie_embeddings else d * v,
+        attention_flops_per_layer=2 * 2 * seq_len * heads * dh,
+    )
+
+
+def _totals(params: int, embedding: int, matmul: int, attention_flops: int) -> FlopCount:
+    return FlopCount(params, embedding, matmul, attention_flops, 3 * (2 * matmul + attention_flops))
+
+
+def count(model_cfg: Any, seq_len: int) -> FlopCount:
+    """Counts a decoder stack (``cfg.model``) analytically, without building it: the
+    embedding, ``num_layers`` blocks, the final norm and the output head. A family with
+    more parts adds them through its task (``jaxformer.tasks.count_flops``)."""
+    m, p = model_cfg, _parts(model_cfg, seq_len)
+    layers = m.num_layers
+    params = layers * p.block + p.final_norm + p.embedding + p.head
+    matmul = layers * (p.attn + p.active_mlp) + m.d_model * m.vocab_size
+    return _totals(params, p.embedding, matmul, layers * p.attention_flops_per_layer)
+
+
+def with_bert_heads(c: FlopCount, m: Any) -> FlopCount:
+    """BERT's parts beyond the stack: token types, the embedding LayerNorm, the pooler,
+    the NSP classifier and the MLM head (dense, LayerNorm, output bias; its projection is
+    tied to the token table), and a sequence classifier (fine-tuning), if any."""
+    d, v = m.d_model, m.vocab_size
+    types = m.type_vocab_size * d
+    labels = getattr(m, "num_labels", 0)
+    heads = 2 * d + (d * d + d) + (2 * d + 2) + (d * d + d + 2 * d + v)
+    return _totals(
+        c.params + types + heads + labels * d + labels,
+        c.embedding_params + types,
+        c.matmul_params + d * d,  # the MLM head's dense layer, per token
+        c.attention_flops,
+    )
+
+
+def with_encoder(c: FlopCount, m: Any, seq_len: int, *, relative_bias: bool) -> FlopCount:
+    """An encoder-decoder's parts beyond the decoder stack, per target token with as many
+    source tokens as target tokens: the encoder's layers and the decoder's cross-attention
+    (another attention block and norm); with ``relative_bias`` (T5) one bias table per
+    stack."""
+    p, layers = _parts(m, seq_len), m.num_layers
+    enc_layers = m.num_encoder_layers or layers
+    params = enc_layers * p.block + p.final_norm + layers * (p.attn + p.attn_bias + p.norm)
+    if relative_bias:
+        params += 2 * m.relative_buckets * m.num_heads
+    return _totals(
+        c.params + params,
+        c.embedding_params,
+        c.matmul_params + enc_layers * (p.attn + p.active_mlp) + layers * p.attn,
+        c.attention_flops + (enc_layers + layers) * p.attention_flops_per_layer,
+    )

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxformer.attention import dot_product, masks, registry
+from jaxformer.attention.masks import attention_mask
 from jaxformer.config import base_config
-from jaxformer.model import DecoderLM, ModelConfig, layers
-from jaxformer.model.layers import alibi_bias, alibi_slopes, attention_mask
+from jaxformer.model import DecoderLM
+from jaxformer.model.layers import alibi_bias, alibi_slopes
+from jaxformer.tasks import model_config
 
 B, L, V = 2, 12, 64
 
@@ -23,7 +26,7 @@ def tiny_model(**overrides: object) -> DecoderLM:
     cfg = base_config().model
     cfg.update(dict(d_model=32, num_heads=4, d_ff=64, num_layers=2, vocab_size=V, max_len=32))
     cfg.update(overrides)
-    return DecoderLM(ModelConfig.from_config(cfg), nnx.Rngs(params=0))
+    return DecoderLM(model_config(cfg), nnx.Rngs(params=0))
 
 
 def packed_batch(packed: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -139,18 +142,18 @@ def test_dot_product_attention_matches_einsum(options: dict) -> None:
 
 def test_sdpa_backend_asks_for_cudnn_only_where_it_runs() -> None:
     # jax.nn.dot_product_attention runs XLA's unfused attention unless cuDNN is named.
-    assert layers.sdpa_backend("gpu", jnp.bfloat16, 128) == "cudnn"
-    assert layers.sdpa_backend("gpu", "float16", 64) == "cudnn"
-    assert layers.sdpa_backend("gpu", "float32", 64) == "xla"  # cuDNN's kernel: 16-bit
-    assert layers.sdpa_backend("gpu", jnp.bfloat16, 100) == "xla"  # not a multiple of 8
-    assert layers.sdpa_backend("gpu", jnp.bfloat16, 256) == "xla"
-    assert layers.sdpa_backend("cpu", jnp.bfloat16, 64) == "xla"
-    assert layers.sdpa_backend("tpu", jnp.bfloat16, 64) == "xla"
+    assert dot_product.sdpa_backend("gpu", jnp.bfloat16, 128) == "cudnn"
+    assert dot_product.sdpa_backend("gpu", "float16", 64) == "cudnn"
+    assert dot_product.sdpa_backend("gpu", "float32", 64) == "xla"  # cuDNN's kernel: 16-bit
+    assert dot_product.sdpa_backend("gpu", jnp.bfloat16, 100) == "xla"  # not a multiple of 8
+    assert dot_product.sdpa_backend("gpu", jnp.bfloat16, 256) == "xla"
+    assert dot_product.sdpa_backend("cpu", jnp.bfloat16, 64) == "xla"
+    assert dot_product.sdpa_backend("tpu", jnp.bfloat16, 64) == "xla"
 
 
 def test_auto_attention_is_cudnn_where_it_runs_and_the_einsum_reference_elsewhere() -> None:
     assert base_config().model.attention_impl == "auto"  # the default
-    resolve = functools.partial(layers.attention_implementation, causal_self=True)
+    resolve = functools.partial(registry.attention_implementation, causal_self=True)
     assert resolve("auto", jnp.bfloat16, 64, platform="gpu") == "dot_product"
     assert resolve("auto", jnp.float32, 64, platform="gpu") == "einsum"  # cuDNN: 16-bit
     assert resolve("auto", jnp.bfloat16, 256, platform="gpu") == "einsum"
@@ -165,7 +168,7 @@ def test_auto_attention_is_cudnn_where_it_runs_and_the_einsum_reference_elsewher
 def test_dot_product_falls_back_to_xla_when_cudnn_refuses(monkeypatch, caplog) -> None:
     """Asked for cuDNN where it cannot run (here: no GPU), the step still runs, on XLA's
     attention, equal to the einsum reference, and says why."""
-    monkeypatch.setattr(layers, "sdpa_backend", lambda *args: "cudnn")
+    monkeypatch.setattr(dot_product, "sdpa_backend", lambda *args: "cudnn")
     with caplog.at_level("WARNING", logger="jaxformer"):
         got, want = _dot_product_vs_einsum("float32", {})
     assert "cuDNN attention refused" in caplog.text
@@ -179,13 +182,13 @@ def test_cudnn_path_drops_the_mask_only_for_rows_of_one_whole_document(
     """On the cuDNN path causal self-attention branches at run time: with no packing and
     no padding, is_causal alone; otherwise the segment mask. Both equal the einsum path
     (here the branches run XLA's attention: cuDNN needs a GPU)."""
-    monkeypatch.setattr(layers, "sdpa_backend", lambda *args: "cudnn")
+    monkeypatch.setattr(dot_product, "sdpa_backend", lambda *args: "cudnn")
     _assert_same_loss_and_grads(*_dot_product_vs_einsum("float32", {}, packed))
 
 
 def test_one_document_per_row_needs_one_segment_no_padding_and_consecutive_positions() -> None:
     def check(segments: list, positions: list) -> bool:
-        mask = layers.SegmentMask(jnp.asarray(segments), jnp.asarray(positions))
+        mask = masks.SegmentMask(jnp.asarray(segments), jnp.asarray(positions))
         return bool(mask.one_document_per_row())
 
     assert check([[1, 1, 1], [3, 3, 3]], [[0, 1, 2], [5, 6, 7]])
@@ -202,7 +205,7 @@ def test_one_document_per_row_needs_one_segment_no_padding_and_consecutive_posit
      ({"remat": "dots_attention"}, False)],
 )  # fmt: skip
 def test_cudnn_attention_matches_einsum_in_bf16(options: dict, packed: bool, caplog) -> None:
-    assert layers.sdpa_backend("gpu", jnp.bfloat16, 8) == "cudnn"
+    assert dot_product.sdpa_backend("gpu", jnp.bfloat16, 8) == "cudnn"
     with caplog.at_level("WARNING", logger="jaxformer"):
         (loss, grads), (ref_loss, ref_grads) = _dot_product_vs_einsum("bfloat16", options, packed)
     assert "refused" not in caplog.text  # cuDNN ran, not the fallback

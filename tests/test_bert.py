@@ -15,8 +15,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxformer.config import load_config  # noqa: E402
-from jaxformer.model import ModelConfig, hf_bert  # noqa: E402
+from jaxformer.hf import bert as hf_bert  # noqa: E402
 from jaxformer.model.bert import Bert  # noqa: E402
+from jaxformer.tasks import model_config  # noqa: E402
 
 BATCH, SEQ, VOCAB = 3, 20, 128
 RTOL = 1e-4  # max |jaxformer - transformers| / max |transformers|, float32
@@ -31,7 +32,7 @@ def _count(tree: Any) -> int:
 def test_preset_counts(repo_root, size, encoder_pooler):
     cfg = load_config(str(repo_root / "configs" / f"bert_{size}.py"))
     assert cfg.model.family == "bert"
-    m = ModelConfig.from_config(cfg.model)
+    m = model_config(cfg.model)
     model = nnx.eval_shape(lambda: Bert(m, nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     heads = ("mlm_dense", "mlm_norm", "mlm_bias", "nsp")
@@ -140,7 +141,7 @@ def test_export_round_trip(hf_model, batch, tmp_path):
 def test_jaxformer_model_exports_as_masked_lm(batch):
     """A model made by jaxformer (random everywhere), scanned layers, as BertForMaskedLM."""
     cfg = hf_bert.config_from_hf_bert(_hf_config())
-    abstract = nnx.eval_shape(lambda: Bert(ModelConfig.from_config(cfg.model), nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Bert(model_config(cfg.model), nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(3)
     state = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state)

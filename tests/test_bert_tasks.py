@@ -17,6 +17,7 @@ from jaxformer.config import ConfigError, base_config, load_config
 from jaxformer.data.bert_tasks import IS_NEXT, NOT_NEXT, PACKAGES, bert_row, line_spans
 from jaxformer.data.tokenizers import ByteTokenizer
 from jaxformer.train.logs import read_metrics
+from jaxformer.train.validation import validate
 
 TINY = [
     "--config.model.d_model=64", "--config.model.num_layers=1", "--config.model.num_heads=4",
@@ -213,7 +214,6 @@ def test_init_from_errors(repo_root: Path, pretrained: dict[str, Any], tmp_path:
 
 def test_classification_config_errors(repo_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.num_labels"):  # labels without a classifier
-        from jaxformer.config import validate
 
         validate(_config(repo_root, "bert_classify.py", tmp_path, "--config.model.num_labels=0"), 8)
     with pytest.raises(jdata.DataError, match=f"model.num_labels={len(PACKAGES)}"):

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from jaxformer import plan
+from jaxformer import hlo, step_plan
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import collectives  # noqa: E402
@@ -98,7 +98,7 @@ def test_backward_all_reduces_trace_to_the_column_parallel_kernels(make_config):
     """The excess of tensor parallelism, read off the HLO's stack frames: per layer, the
     backward pass all-reduces 3 input gradients from Attention._qkv and 2 from the MLP."""
     cfg, _ = collectives.layout_config(make_config(), "tensor", 2)
-    found = plan.plan(cfg, plan.plan_devices(2)).collectives
+    found = step_plan.plan(cfg, step_plan.plan_devices(2)).collectives
     backward = [
         fns[-2]
         for c in found
@@ -114,14 +114,14 @@ def test_backward_all_reduces_trace_to_the_column_parallel_kernels(make_config):
 def test_stack_frames_of_a_collective():
     """Collective.op_names and functions: the operand's producer and its jaxformer frames
     (the XLA 0.10.2 tables print a frame's parent one above its id)."""
-    root = plan._JAXFORMER_DIR
-    hlo = f"""\
+    root = hlo._JAXFORMER_DIR
+    hlo_text = f"""\
 HloModule m
 
 FileNames
 1 "/usr/lib/python3/site.py"
 2 "{root}model/layers.py"
-3 "{root}plan.py"
+3 "{root}step_plan.py"
 
 FunctionNames
 1 "<module>"
@@ -153,9 +153,9 @@ ENTRY %main (x: f32[8]) -> f32[8] {{
   ROOT %r = f32[8]{{0}} all-reduce(%y), replica_groups={{}}, to_apply=%add, metadata={{op_name="jit(f)/psum"}}
 }}
 """  # noqa: E501 (HLO is printed one instruction per line)
-    (found,), _ = plan.collectives(hlo, num_devices=2)
+    (found,), _ = hlo.collectives(hlo_text, num_devices=2)
     assert found.op_names == ("jit(f)/transpose(jvp())/mul",)  # the operand's, not the psum's
-    # site.py is not jaxformer's, plan.py is left out: only the model's frames remain.
+    # site.py is not jaxformer's, step_plan.py is left out: only the model's frames remain.
     assert found.functions == (("Attention.__call__", "Dense.__call__"),)
 
 

@@ -11,9 +11,9 @@ from jaxformer.config import (
     apply_overrides,
     base_config,
     load_config,
-    resolve_mesh_shape,
-    validate,
 )
+from jaxformer.parallel.mesh import resolve_mesh_shape
+from jaxformer.train.validation import validate
 
 # Every mesh axis at size 1: expected shapes below name only the axes they set.
 ONES = dict.fromkeys(MESH_AXES, 1)

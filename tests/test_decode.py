@@ -18,7 +18,8 @@ from conftest import TINY_CLI
 from flax import nnx
 
 from jaxformer import cli, decode
-from jaxformer.model import DecoderLM, ModelConfig
+from jaxformer.model import DecoderLM
+from jaxformer.tasks import model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 64
@@ -34,7 +35,7 @@ def _model(make_config: Any, **overrides: Any) -> DecoderLM:
     key = tuple(sorted(overrides.items()))
     if key not in _MODELS:
         cfg = make_config({"model.vocab_size": VOCAB, "model.init_std": 0.3, **overrides})
-        _MODELS[key] = DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(params=0))
+        _MODELS[key] = DecoderLM(model_config(cfg.model), nnx.Rngs(params=0))
     return _MODELS[key]
 
 

@@ -12,8 +12,10 @@ from flax import nnx
 
 from jaxformer.config import base_config, load_config
 from jaxformer.model import count_params
-from jaxformer.model.decoder import ModelConfig
 from jaxformer.model.encoder_decoder import EncoderDecoder
+from jaxformer.tasks import model_config
+from jaxformer.train.setup import restore_params
+from jaxformer.train.validation import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 64
@@ -25,7 +27,7 @@ V = 64
 )
 def test_paper_sizes(config: str, expected: int, paper: float) -> None:
     cfg = load_config(str(ROOT / "configs" / config))
-    model = nnx.eval_shape(lambda: EncoderDecoder(ModelConfig.from_config(cfg.model), nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: EncoderDecoder(model_config(cfg.model), nnx.Rngs(0)))
     count = count_params(nnx.state(model))
     assert count == expected  # papers.md: 63.1M and 214.3M with a 37k vocabulary and biases
     assert abs(count - paper) / paper < 0.04
@@ -51,7 +53,7 @@ def tiny(**overrides: object) -> EncoderDecoder:
         )
     )
     c.update(overrides)
-    return EncoderDecoder(ModelConfig.from_config(c), nnx.Rngs(params=0))
+    return EncoderDecoder(model_config(c), nnx.Rngs(params=0))
 
 
 def batch() -> dict[str, jax.Array]:
@@ -131,7 +133,7 @@ def test_trains_on_the_built_in_task(tmp_path: Path, capsys: pytest.CaptureFixtu
     from jaxformer import cli, data, decode
 
     cfg = load_config(str(ROOT / "configs/reverse_words.py"), overrides)
-    model, step, _ = decode.restore_model(cfg)
+    model, step, _ = restore_params(cfg)
     tokenizer = data.build_tokenizer(cfg.data)
     source = np.append(tokenizer.encode("hello world"), tokenizer.eos_id)[None].astype(np.int32)
     config = f"--config={ROOT / 'configs/reverse_words.py'}"
@@ -147,7 +149,7 @@ def test_trains_on_the_built_in_task(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_family_and_data_must_match() -> None:
-    from jaxformer.config import ConfigError, validate
+    from jaxformer.config import ConfigError
 
     cfg = load_config(str(ROOT / "configs/reverse_words.py"), ["--config.model.family=decoder"])
     with pytest.raises(ConfigError, match="model.family"):

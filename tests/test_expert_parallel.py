@@ -13,12 +13,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxformer import parallel
-from jaxformer.config import ConfigError, validate
+from jaxformer.config import ConfigError
 from jaxformer.model import ModelConfig
 from jaxformer.model.moe import MoEMLP
 from jaxformer.parallel import DEFAULT_RULES
+from jaxformer.tasks import model_config
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.step import _loss_and_grads, abstract_state, build_model
+from jaxformer.train.validation import validate
 
 RTOL = 1e-5
 # Experts on 4 devices alone, and composed with data parallelism on 8.
@@ -81,7 +83,7 @@ def _layer_run(make_config, drop: bool, mesh_name: str | None) -> dict:
     device (``mesh_name`` None) or a mesh, with the compiled program's collectives: the
     forward pass alone where capacity drops tokens, else with the gradients (parameters
     and input) of a loss of the output, in one program."""
-    cfg = ModelConfig.from_config(make_config({**MODEL, **(DROP if drop else NO_DROP)}).model)
+    cfg = model_config(make_config({**MODEL, **(DROP if drop else NO_DROP)}).model)
     graphdef, params = nnx.split(_randomised_layer(cfg))
     x_GxSxD = jnp.asarray(np.random.default_rng(1).normal(size=(8, 16, cfg.d_model)), jnp.float32)
 

@@ -18,8 +18,10 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from jaxformer import hf  # noqa: E402
+from jaxformer.attention.dot_product import DotProduct  # noqa: E402
 from jaxformer.config import base_config, check_schema, load_config  # noqa: E402
-from jaxformer.model import DecoderLM, ModelConfig, hf  # noqa: E402
+from jaxformer.model import DecoderLM, ModelConfig  # noqa: E402
 
 BATCH, SEQ, VOCAB = 2, 48, 128
 RTOL = 1e-4  # max |jaxformer - transformers| / max |transformers|, float32
@@ -102,10 +104,23 @@ def test_import_matches_transformers(hf_model, tokens, scan_layers):
     assert _rel_diff(_jax_logits(model, tokens), _hf_logits(hf_model, tokens)) < RTOL
 
 
+def test_import_runs_the_configs_attention_backend(hf_model, tokens):
+    """``model.attention_impl="dot_product"``: the imported model calls that backend (ring
+    attention in front of it on meshes that split sequences), live and from a state dict,
+    and computes transformers' logits."""
+    cfg = _config(hf_model, scan_layers=True)
+    cfg.model.attention_impl = "dot_product"
+    state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    for model in (hf.import_hf(hf_model, cfg), hf.import_hf(state, cfg)):
+        backend = model.cfg.attention
+        assert isinstance(getattr(backend, "local", backend), DotProduct), backend
+        assert _rel_diff(_jax_logits(model, tokens), _hf_logits(hf_model, tokens)) < RTOL
+
+
 def test_import_from_state_dict_numpy(hf_model, tokens):
     """A bare state dict (here numpy, as read from safetensors) with an explicit config;
     for GPT-2, that of the headless ``GPT2Model``, whose names lack ``transformer.``."""
-    source = hf_model.transformer if hf.family_of_hf(hf_model.config) == "gpt2" else hf_model
+    source = hf_model.transformer if hf.model_type_of_hf(hf_model.config) == "gpt2" else hf_model
     state = {k: v.numpy() for k, v in source.state_dict().items()}
     model = hf.import_hf(state, hf.config_from_hf(hf_model.config))
     assert _rel_diff(_jax_logits(model, tokens), _hf_logits(hf_model, tokens)) < RTOL
@@ -184,12 +199,12 @@ def _jaxformer_model(overrides: dict[str, Any], scan_layers: bool) -> DecoderLM:
 
 
 JAXFORMER_VARIANTS = {
-    # GPT-2 family with an untied head, ReLU and a non-default d_ff.
+    # GPT-2 style with an untied head, ReLU and a non-default d_ff.
     "gpt2-untied-relu": {
         "position": "learned", "norm": "layernorm", "norm_eps": 1e-5, "mlp": "relu",
         "use_bias": True, "tie_embeddings": False, "d_ff": 96,
     },
-    # LLaMA family with MQA, biases, a tied head and a head width other than d/h.
+    # LLaMA style with MQA, biases, a tied head and a head width other than d/h.
     "llama-mqa-bias-tied": {
         "num_kv_heads": 1, "head_dim": 16, "use_bias": True, "tie_embeddings": True,
         "rope_base": 1000.0, "norm_eps": 1e-5,

@@ -27,8 +27,10 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from jaxformer import hf  # noqa: E402
+from jaxformer.attention.dot_product import DotProduct  # noqa: E402
 from jaxformer.config import check_schema  # noqa: E402
-from jaxformer.model import hf_common as hfc  # noqa: E402
+from jaxformer.train.setup import restore_params  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB, BATCH, SEQ, SRC = 128, 2, 16, 12
@@ -117,20 +119,20 @@ def _t5_logits(model: Any, src: jax.Array, tgt: jax.Array) -> jax.Array:
     return model.apply_batch(batch)[0]
 
 
-def _jax_logits(family: str, model: Any) -> np.ndarray:
+def _jax_logits(model_type: str, model: Any) -> np.ndarray:
     tokens = jnp.asarray(_tokens(0))
-    if family == "t5":
+    if model_type == "t5":
         return np.asarray(_t5_logits(model, jnp.asarray(_tokens(1, SRC)), tokens))
-    return np.asarray((_bert_logits if family == "bert" else _decoder_logits)(model, tokens))
+    return np.asarray((_bert_logits if model_type == "bert" else _decoder_logits)(model, tokens))
 
 
-def _hf_logits(family: str, model: Any) -> np.ndarray:
+def _hf_logits(model_type: str, model: Any) -> np.ndarray:
     tokens = torch.from_numpy(_tokens(0)).long()
     with torch.no_grad():
-        if family == "t5":
+        if model_type == "t5":
             src = torch.from_numpy(_tokens(1, SRC)).long()
             return model(input_ids=src, decoder_input_ids=tokens).logits.numpy()
-        if family == "bert":
+        if model_type == "bert":
             return model(input_ids=tokens).prediction_logits.numpy()
         return model(tokens).logits.numpy()
 
@@ -150,12 +152,12 @@ AUTO = {
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))
 def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """``(family, transformers model, its save_pretrained directory)``."""
-    family = request.param
-    model = MAKERS[family]()
-    path = tmp_path_factory.mktemp(f"hf_{family}")
+    """``(model_type, transformers model, its save_pretrained directory)``."""
+    model_type = request.param
+    model = MAKERS[model_type]()
+    path = tmp_path_factory.mktemp(f"hf_{model_type}")
     model.save_pretrained(path, safe_serialization=True)
-    return family, model, path
+    return model_type, model, path
 
 
 @contextlib.contextmanager
@@ -168,8 +170,8 @@ def _without_torch() -> Iterator[None]:
         yield
 
 
-def _from_pretrained(family: str, path: Path) -> Any:
-    auto = getattr(transformers, AUTO[family])
+def _from_pretrained(model_type: str, path: Path) -> Any:
+    auto = getattr(transformers, AUTO[model_type])
     return auto.from_pretrained(path, attn_implementation="eager").eval()
 
 
@@ -178,57 +180,72 @@ def _from_pretrained(family: str, path: Path) -> Any:
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
 def test_load_hf_dir_matches_transformers(saved, scan_layers):
-    family, hf_model, path = saved
+    model_type, hf_model, path = saved
     with _without_torch():
-        cfg = hfc.config_from_hf_dir(path)
+        cfg = hf.config_from_hf_dir(path)
         cfg.model.scan_layers = scan_layers
-        model = hfc.load_hf_dir(path, check_schema(cfg), family=family)
-        ours = _jax_logits(family, model)
-    assert type(model).__name__ == {"bert": "Bert", "t5": "T5"}.get(family, "DecoderLM")
+        model = hf.load_hf_dir(path, check_schema(cfg), model_type=model_type)
+        ours = _jax_logits(model_type, model)
+    assert type(model).__name__ == {"bert": "Bert", "t5": "T5"}.get(model_type, "DecoderLM")
     assert ours.dtype == np.float32
-    assert _rel_diff(ours, _hf_logits(family, hf_model)) < RTOL
+    assert _rel_diff(ours, _hf_logits(model_type, hf_model)) < RTOL
+
+
+def test_load_hf_dir_runs_the_configs_attention_backend(saved):
+    """``model.attention_impl="dot_product"``: the loaded model calls that backend (ring
+    attention in front of it on meshes that split sequences) and computes the same logits;
+    ``ModelConfig.from_config`` alone would refuse the config rather than drop it."""
+    model_type, hf_model, path = saved
+    cfg = hf.config_from_hf_dir(path)
+    cfg.model.attention_impl = "dot_product"
+    model = hf.load_hf_dir(path, check_schema(cfg), model_type=model_type)
+    backend = model.cfg.attention
+    assert isinstance(getattr(backend, "local", backend), DotProduct), backend
+    assert _rel_diff(_jax_logits(model_type, model), _hf_logits(model_type, hf_model)) < RTOL
 
 
 def test_save_hf_dir_loads_in_transformers(saved, tmp_path):
-    family, hf_model, path = saved
-    model = hfc.load_hf_dir(path)
+    model_type, hf_model, path = saved
+    model = hf.load_hf_dir(path)
     out = tmp_path / "out"
     with _without_torch():  # saving needs no torch either
-        assert hfc.save_hf_dir(model, out, family=family) == ["model.safetensors"]
+        assert hf.save_hf_dir(model, out, model_type=model_type) == ["model.safetensors"]
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == family and config["architectures"]
-    reloaded = _from_pretrained(family, out)
+    assert config["model_type"] == model_type and config["architectures"]
+    reloaded = _from_pretrained(model_type, out)
     assert type(reloaded) is type(hf_model)
-    want = _jax_logits(family, model)
-    assert _rel_diff(_hf_logits(family, reloaded), want) < RTOL
-    np.testing.assert_array_equal(_hf_logits(family, reloaded), _hf_logits(family, hf_model))
+    want = _jax_logits(model_type, model)
+    assert _rel_diff(_hf_logits(model_type, reloaded), want) < RTOL
+    np.testing.assert_array_equal(
+        _hf_logits(model_type, reloaded), _hf_logits(model_type, hf_model)
+    )
 
 
 def test_sharded_directories(tmp_path):
     """transformers' shards (and index) load; jaxformer's shards load in transformers."""
     hf_model = _llama()
     hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")
-    assert (tmp_path / "hf" / hfc.INDEX_FILE).is_file()
+    assert (tmp_path / "hf" / hf.INDEX_FILE).is_file()
     assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 1
-    model = hfc.load_hf_dir(tmp_path / "hf")
+    model = hf.load_hf_dir(tmp_path / "hf")
     assert _rel_diff(_jax_logits("llama", model), _hf_logits("llama", hf_model)) < RTOL
 
-    files = hfc.save_hf_dir(model, tmp_path / "ours", max_shard_size=40_000)
+    files = hf.save_hf_dir(model, tmp_path / "ours", max_shard_size=40_000)
     assert len(files) > 1 and all(
         re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) for f in files
     )
-    index = json.loads((tmp_path / "ours" / hfc.INDEX_FILE).read_text())
+    index = json.loads((tmp_path / "ours" / hf.INDEX_FILE).read_text())
     assert sorted(set(index["weight_map"].values())) == files
-    assert not (tmp_path / "ours" / hfc.WEIGHTS_FILE).exists()
+    assert not (tmp_path / "ours" / hf.WEIGHTS_FILE).exists()
     reloaded = _from_pretrained("llama", tmp_path / "ours")
     np.testing.assert_array_equal(_hf_logits("llama", reloaded), _hf_logits("llama", hf_model))
-    again = hfc.load_hf_dir(tmp_path / "ours")
+    again = hf.load_hf_dir(tmp_path / "ours")
     np.testing.assert_array_equal(_jax_logits("llama", again), _jax_logits("llama", model))
     # Saving again unsharded removes the shards and the index, so none shadows the file.
-    assert hfc.save_hf_dir(model, tmp_path / "ours") == [hfc.WEIGHTS_FILE]
+    assert hf.save_hf_dir(model, tmp_path / "ours") == [hf.WEIGHTS_FILE]
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
         "config.json",
-        hfc.WEIGHTS_FILE,
+        hf.WEIGHTS_FILE,
     ]
 
 
@@ -236,7 +253,7 @@ def test_sharded_directories(tmp_path):
 def test_half_precision_loads_as_float32(tmp_path, dtype):
     hf_model = _gpt2().to(getattr(torch, dtype))
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    model = hfc.load_hf_dir(tmp_path)
+    model = hf.load_hf_dir(tmp_path)
     embed = np.asarray(model.embed[...])
     assert embed.dtype == np.float32
     want = hf_model.transformer.wte.weight.detach().float().numpy()
@@ -251,12 +268,12 @@ def test_bert_classifier_directory(tmp_path):
     torch.manual_seed(4)
     source = _perturbed(transformers.BertForSequenceClassification(config), 4)
     source.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    cfg = hfc.config_from_hf_dir(tmp_path / "hf")
+    cfg = hf.config_from_hf_dir(tmp_path / "hf")
     assert cfg.model.num_labels == 3
     cfg.model.num_labels = 0
     with pytest.raises(ValueError, match=r"model.num_labels=0 \(config.json: 3\)"):
-        hfc.load_hf_dir(tmp_path / "hf", cfg)
-    model = hfc.load_hf_dir(tmp_path / "hf")
+        hf.load_hf_dir(tmp_path / "hf", cfg)
+    model = hf.load_hf_dir(tmp_path / "hf")
     tokens = _tokens(0)
 
     @nnx.jit
@@ -268,7 +285,7 @@ def test_bert_classifier_directory(tmp_path):
     with torch.no_grad():
         want = source(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
     assert _rel_diff(np.asarray(classify(model, jnp.asarray(tokens))), want) < RTOL
-    hfc.save_hf_dir(model, tmp_path / "out")
+    hf.save_hf_dir(model, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -298,57 +315,57 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_missing_files_are_named(gpt2_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
-        hfc.load_hf_dir(tmp_path / "nowhere")
+        hf.load_hf_dir(tmp_path / "nowhere")
     no_config = _copy(gpt2_dir, tmp_path / "a")
     (no_config / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(f"'{no_config / 'config.json'}'")):
-        hfc.load_hf_dir(no_config)
+        hf.load_hf_dir(no_config)
     no_weights = _copy(gpt2_dir, tmp_path / "b")
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="neither 'model.safetensors' nor"):
-        hfc.load_hf_dir(no_weights)
+        hf.load_hf_dir(no_weights)
     (no_weights / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="it has pytorch_model.bin"):
-        hfc.load_hf_dir(no_weights)
+        hf.load_hf_dir(no_weights)
 
 
-def test_wrong_family_is_named(gpt2_dir, tmp_path):
+def test_wrong_model_type_or_family_is_named(gpt2_dir, tmp_path):
     with pytest.raises(ValueError, match=r"holds a gpt2 model \(model_type\), not llama"):
-        hfc.load_hf_dir(gpt2_dir, family="llama")
-    t5_cfg = hfc.config_from_hf_dir(gpt2_dir)
+        hf.load_hf_dir(gpt2_dir, model_type="llama")
+    t5_cfg = hf.config_from_hf_dir(gpt2_dir)
     t5_cfg.model.family = "t5"
     with pytest.raises(ValueError, match=r"model.family='t5' \(config.json: 'decoder'\)"):
-        hfc.load_hf_dir(gpt2_dir, t5_cfg)
+        hf.load_hf_dir(gpt2_dir, t5_cfg)
     odd = _copy(gpt2_dir, tmp_path / "odd")
     config = json.loads((odd / "config.json").read_text())
     (odd / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
     with pytest.raises(ValueError, match=r"model_type 'mamba'; jaxformer reads \['bert'"):
-        hfc.load_hf_dir(odd)
+        hf.load_hf_dir(odd)
 
 
 def test_mismatches_name_the_tensor_and_file(gpt2_dir, tmp_path):
-    cfg = hfc.config_from_hf_dir(gpt2_dir)
+    cfg = hf.config_from_hf_dir(gpt2_dir)
     cfg.model.d_model = 32
     with pytest.raises(ValueError, match=r"model.d_model=32 \(config.json: 64\)"):
-        hfc.load_hf_dir(gpt2_dir, cfg)
+        hf.load_hf_dir(gpt2_dir, cfg)
     # config.json says one thing, the tensors another: the tensor and its file are named.
     bad = _copy(gpt2_dir, tmp_path / "bad")
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "vocab_size": 2 * VOCAB}))
     file = bad / "model.safetensors"
     with pytest.raises(ValueError) as err:
-        hfc.load_hf_dir(bad)
+        hf.load_hf_dir(bad)
     message = str(err.value)
     assert "'transformer.wte.weight' (128, 64)" in message and "(256, 64)" in message
     assert str(file) in message
     # A tensor the map needs and the file lacks.
     from safetensors.numpy import save_file
 
-    tensors = hfc.read_safetensors(str(gpt2_dir / "model.safetensors"))
+    tensors = hf.read_safetensors(str(gpt2_dir / "model.safetensors"))
     save_file({k: v for k, v in tensors.items() if k != "transformer.h.1.ln_2.bias"}, str(file))
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(KeyError, match=r"lacks \['transformer.h.1.ln_2.bias'\].*model.safetensors"):
-        hfc.load_hf_dir(bad)
+        hf.load_hf_dir(bad)
 
 
 # -- tools/hf_convert.py -------------------------------------------------------------------
@@ -421,19 +438,18 @@ def test_import_generate_export(byte_gpt2, tmp_path, capsys):
     out_dir = tmp_path / "out"
     assert tool.main(["export", *run, "--out", str(out_dir), "--max_shard_size=100000"]) == 0
     assert "exported step 0" in capsys.readouterr().out
-    assert (out_dir / hfc.INDEX_FILE).is_file()  # sharded: the model is about 370 KB
+    assert (out_dir / hf.INDEX_FILE).is_file()  # sharded: the model is about 370 KB
     reloaded = _from_pretrained("gpt2", out_dir)
     np.testing.assert_array_equal(_hf_logits("gpt2", reloaded), _hf_logits("gpt2", hf_model))
-    assert tool.main(["export", *run, "--out", str(tmp_path / "x"), "--family=llama"]) == 2
+    assert tool.main(["export", *run, "--out", str(tmp_path / "x"), "--model_type=llama"]) == 2
     assert "the model is a gpt2 model, not llama" in capsys.readouterr().err
 
 
 def test_train_from_an_import(byte_gpt2, tmp_path, capsys):
     """Fine-tuning: `jaxformer train` in the imported run starts from step 0 with the
     imported weights (at lr 0 they stay exactly those) and draws data from the start."""
-    from jaxformer import cli, decode
+    from jaxformer import cli
     from jaxformer.config import load_config
-    from jaxformer.model import hf
 
     hf_model, hf_dir = byte_gpt2
     tool = _tool()
@@ -443,7 +459,7 @@ def test_train_from_an_import(byte_gpt2, tmp_path, capsys):
     assert tool.main(["import", "--hf_dir", str(hf_dir), *run]) == 0
     assert cli.main(["train", *run, "--config.train.steps=1"]) == 0
     cfg = load_config(run[0].split("=", 1)[1], run[1:])
-    model, step, _ = decode.restore_model(cfg)
+    model, step, _ = restore_params(cfg)
     assert step == 1
     original = hf_model.state_dict()
     for name, value in hf.hf_state_dict(model).items():

@@ -16,7 +16,8 @@ import pytest
 from conftest import TINY_CLI
 from flax import nnx
 
-from jaxformer.model import FAMILIES, ModelConfig, capture_intermediates
+from jaxformer.model import capture_intermediates
+from jaxformer.tasks import model_config, task_for
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 64
@@ -46,8 +47,8 @@ def _model(make_config: Any, name: str) -> Any:
     cfg = make_config(
         {"model.vocab_size": V, "model.num_encoder_layers": 3, **FAMILY_OVERRIDES[name]}
     )
-    m = ModelConfig.from_config(cfg.model)
-    return FAMILIES[m.family](m, nnx.Rngs(params=0))
+    m = model_config(cfg.model)
+    return task_for(cfg).model_class(m, nnx.Rngs(params=0))
 
 
 def _side(prefix: str = "") -> dict[str, jax.Array]:
@@ -115,7 +116,7 @@ def test_hidden_states_chain_through_the_layers(make_config):
     embedded = model._embed(batch["inputs"], batch["positions"], None)
     np.testing.assert_allclose(out["hidden_states"][0], embedded, atol=1e-6)
     np.testing.assert_allclose(
-        model._output_logits(out["hidden_states"][-1]), out["logits"], rtol=1e-5, atol=1e-5
+        model.output_logits(out["hidden_states"][-1]), out["logits"], rtol=1e-5, atol=1e-5
     )
 
 
@@ -146,7 +147,7 @@ def _assert_matches(ours: Any, theirs: tuple, what: str) -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_decoder_matches_transformers(arch):
-    from jaxformer.model import hf
+    from jaxformer import hf
 
     torch.manual_seed(0)
     if arch == "gpt2":
@@ -184,7 +185,7 @@ def _unpacked(ids: np.ndarray, prefix: str = "") -> dict[str, jax.Array]:
 
 
 def test_t5_matches_transformers():
-    from jaxformer.model import hf_t5
+    from jaxformer.hf import t5 as hf_t5
 
     config = transformers.T5Config(
         vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
@@ -211,7 +212,7 @@ def test_t5_matches_transformers():
 
 
 def test_bert_matches_transformers():
-    from jaxformer.model import hf_bert
+    from jaxformer.hf import bert as hf_bert
 
     config = transformers.BertConfig(
         num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,

@@ -9,17 +9,19 @@ import pytest
 from flax import nnx
 
 from jaxformer import flops
+from jaxformer.attention.masks import attention_mask
 from jaxformer.config import load_config
-from jaxformer.model import DecoderLM, ModelConfig, count_params
-from jaxformer.model.layers import Attention, attention_mask, sinusoidal
+from jaxformer.losses import cross_entropy
+from jaxformer.model import DecoderLM, count_params
+from jaxformer.model.layers import Attention, sinusoidal
 from jaxformer.parallel import DEFAULT_RULES
-from jaxformer.train.loss import cross_entropy
+from jaxformer.tasks import model_config
 
 SEQ = 16
 
 
 def _build(cfg, seed=0):
-    return DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(params=seed))
+    return DecoderLM(model_config(cfg.model), nnx.Rngs(params=seed))
 
 
 @nnx.jit
@@ -120,7 +122,7 @@ def _rope_np(x, positions, base):
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
 def test_attention_matches_naive_per_head_reference(make_config, num_kv_heads):
     cfg = make_config({"model.num_heads": 4, "model.num_kv_heads": num_kv_heads})
-    mcfg = ModelConfig.from_config(cfg.model)
+    mcfg = model_config(cfg.model)
     attn = Attention(mcfg, nnx.Rngs(params=3))
     h, k, dh, d = 4, num_kv_heads, mcfg.head_dim, mcfg.d_model
     assert attn.k.kernel.shape == (d, k, dh) and attn.q.kernel.shape == (d, h, dh)
@@ -424,7 +426,7 @@ def test_dots_attention_saves_the_fused_attention_forward_and_nothing_else_new()
     attention forward (the primitive itself only runs on GPUs)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-    from jaxformer.model.decoder import REMAT_POLICIES, fused_attention_outputs
+    from jaxformer.model.remat import REMAT_POLICIES, fused_attention_outputs
 
     assert fused_attention_outputs(cudnn._dot_product_attention_fwd_p_wrapper)
     assert fused_attention_outputs(cudnn._dot_product_attention_fwd_p)

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from jaxformer import flops, parallel
-from jaxformer.model import DecoderLM, ModelConfig, count_params
+from jaxformer.model import DecoderLM, count_params
 from jaxformer.model.moe import MoEMLP, capacity
 from jaxformer.parallel import DEFAULT_RULES
+from jaxformer.tasks import model_config
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.step import init_state, jit_steps
 
@@ -19,7 +20,7 @@ MOE = {"model.moe_experts": 4, "model.moe_top_k": 2}
 
 
 def _model_cfg(make_config, overrides=None):
-    return ModelConfig.from_config(make_config({**MOE, **(overrides or {})}).model)
+    return model_config(make_config({**MOE, **(overrides or {})}).model)
 
 
 def _randomised_mlp(cfg, seed=0, std=0.5):
@@ -237,7 +238,7 @@ def test_top_k_must_fit_the_experts(make_config):
 
 
 def _abstract_params(cfg):
-    model = nnx.eval_shape(lambda: DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: DecoderLM(model_config(cfg.model), nnx.Rngs(0)))
     return nnx.state(model, nnx.Param)
 
 

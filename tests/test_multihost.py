@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CLI
 
-from jaxformer.config import MESH_AXES, ConfigError, base_config, check_schema, validate
+from jaxformer.config import MESH_AXES, ConfigError, base_config, check_schema
 from jaxformer.parallel import distributed
 from jaxformer.train.logs import read_metrics
+from jaxformer.train.validation import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch" / "local.sh"

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from jaxformer import parallel
-from jaxformer.train.loss import cross_entropy
+from jaxformer.losses import cross_entropy
 from jaxformer.train.optim import make_optimizer, make_schedule
 from jaxformer.train.step import build_model, init_state, jit_steps
+from jaxformer.train.validation import validate
 
 
 def _opt(make_config, **kw):
@@ -379,7 +380,7 @@ def test_chunked_loss_matches_whole_logits_and_holds_less(make_config, make_batc
 
 
 def test_loss_chunk_must_divide_the_sequence(make_config):
-    from jaxformer.config import ConfigError, validate
+    from jaxformer.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.loss_chunk"):
         validate(make_config({"train.loss_chunk": 5}), 1)

@@ -13,18 +13,16 @@ import pytest
 from conftest import REPO_ROOT
 from flax import nnx
 
+from jaxformer.attention.masks import SegmentMask, causal_blocks
+from jaxformer.attention.reference import EINSUM
+from jaxformer.attention.registry import dot_product_attention
 from jaxformer.host import huge_pages_supported
-from jaxformer.model import DecoderLM, ModelConfig
-from jaxformer.model.layers import (
-    Norm,
-    SegmentMask,
-    causal_blocks,
-    contract_last,
-    dot_product_attention,
-    mlp_activation,
-    self_attention_mask,
-    tied_logits,
-)
+from jaxformer.model import DecoderLM
+from jaxformer.model.layers import Norm, mlp_activation
+from jaxformer.model.products import contract_last, tied_logits
+from jaxformer.tasks import model_config
+
+self_attention_mask = EINSUM.self_mask  # the dense mask a stack's layers share
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import benchmark  # noqa: E402
@@ -67,7 +65,7 @@ def test_contract_last_matches_dot_general_and_its_gradients(x_shape, w_shape, n
 def _train_flops(make_config, remat: str) -> float:
     """XLA's FLOP count of one forward + backward of a small decoder under ``remat``."""
     cfg = make_config({"model.remat": remat, "model.d_model": 64, "model.d_ff": 256})
-    model = DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(params=0))
+    model = DecoderLM(model_config(cfg.model), nnx.Rngs(params=0))
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jnp.ones((4, 16), jnp.int32)
     positions = jnp.tile(jnp.arange(16, dtype=jnp.int32), (4, 1))
@@ -207,6 +205,26 @@ def test_benchmark_config_that_fails_gets_a_row_naming_the_error_and_the_rest_ru
         "global_batch=7" in rows[0] and "failed: " in rows[0] and "7" in rows[0].split("failed")[1]
     )
     assert "cpu" in rows[1].split("|")[2] and "%" in rows[1]
+
+
+def test_benchmark_baseline_alternates_with_another_checkout(tmp_path):
+    """--baseline=DIR measures each config on that tree's jaxformer too, in turn with this
+    one, and each row names its tree's commit (a copy without history: 'unknown')."""
+    import shutil
+
+    other = tmp_path / "other"
+    for part in ("jaxformer", "tools", "configs"):
+        shutil.copytree(
+            REPO_ROOT / part, other / part, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    out = tmp_path / "BENCH.md"
+    tiny = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.data.seq_len=16"]
+    args = [f"--config={REPO_ROOT / 'configs/default.py'}", *tiny, "--config.train.global_batch=8"]
+    argv = [*args, f"--baseline={other}", "--steps=1", "--warmup=1", "--write", f"--output={out}"]
+    assert benchmark.main(argv) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 20")]
+    commits = [row.split("|")[3].strip() for row in rows]
+    assert len(rows) == 2 and commits[1] == "unknown" and commits[0] == benchmark.git_commit()
 
 
 @pytest.mark.parametrize("kind", ["swiglu", "geglu", "gelu", "gelu_exact", "relu"])

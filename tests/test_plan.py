@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxformer import parallel, plan
+from jaxformer import hlo, parallel, step_plan
 from jaxformer.cli import main
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.step import abstract_state, init_state, jit_steps
@@ -44,7 +44,7 @@ def planned(make_config):
         cfg = _config(make_config, mesh, **extra)
         key = cfg.to_json(sort_keys=True)
         if key not in cache:
-            cache[key] = plan.plan(cfg)
+            cache[key] = step_plan.plan(cfg)
         return cfg, cache[key]
 
     return get
@@ -72,7 +72,7 @@ def _non_scalar(collectives, kind):
     """Bytes per step of a kind's operands that are not scalars (scalars are the loss
     statistics and the gradient norm's partial sums)."""
     return sum(
-        plan.array_bytes(shape) * c.executions
+        hlo.array_bytes(shape) * c.executions
         for c in collectives
         if c.kind == kind
         for shape in c.shapes
@@ -94,7 +94,7 @@ def test_memory_is_the_compiled_steps_and_state_bytes_are_the_shards(planned, ma
     batch = jax.device_put(make_batch(16, 16, 128), parallel.batch_sharding(mesh, rules))
     train, _ = jit_steps(cfg, graphdef, tx, mesh, rules, shardings)
     stats = train.lower(state, batch).compile().memory_analysis()
-    for key, field in plan.MEMORY_FIELDS.items():
+    for key, field in step_plan.MEMORY_FIELDS.items():
         assert got.memory[key] == getattr(stats, field), key
 
     # Parameter and optimizer bytes: what device 0 actually holds of the allocated state.
@@ -256,9 +256,9 @@ ENTRY %main (arg: f32[8,4], arg2: bf16[16]) -> f32[8,4] {
 
 
 def test_collectives_parser_counts_bytes_groups_and_loop_trips():
-    found, unknown = plan.collectives(HLO, num_devices=8)
+    found, unknown = hlo.collectives(HLO, num_devices=8)
     by_kind = {c.kind: c for c in found}
-    assert sorted(by_kind) == sorted(plan.COLLECTIVE_KINDS) and len(found) == 5
+    assert sorted(by_kind) == sorted(hlo.COLLECTIVE_KINDS) and len(found) == 5
     assert unknown == 0
     gather = by_kind["all-gather"]  # output bytes, from the matching all-gather-done
     assert (gather.shapes, gather.bytes, gather.group_size) == (("bf16[128]",), 256, 8)
@@ -274,18 +274,18 @@ def test_collectives_parser_counts_bytes_groups_and_loop_trips():
     assert by_kind["all-to-all"].group_size == 8  # empty replica_groups: every device
 
     # Without XLA's trip count the loop counts once, and the plan says so.
-    found, unknown = plan.collectives(HLO.replace('"n":"2"', '"m":"2"'), num_devices=8)
+    found, unknown = hlo.collectives(HLO.replace('"n":"2"', '"m":"2"'), num_devices=8)
     assert unknown == 1
     assert {c.kind: c.executions for c in found}["reduce-scatter"] == 3
 
 
 def test_array_bytes():
-    assert plan.array_bytes("f32[64,8,8]") == 64 * 8 * 8 * 4
-    assert plan.array_bytes("bf16[3]") == 6
-    assert plan.array_bytes("pred[5]") == 5
-    assert plan.array_bytes("s4[3]") == 2
-    assert plan.array_bytes("f32[]") == 4
-    assert plan.array_bytes("f8e4m3fn[10]") == 10
+    assert hlo.array_bytes("f32[64,8,8]") == 64 * 8 * 8 * 4
+    assert hlo.array_bytes("bf16[3]") == 6
+    assert hlo.array_bytes("pred[5]") == 5
+    assert hlo.array_bytes("s4[3]") == 2
+    assert hlo.array_bytes("f32[]") == 4
+    assert hlo.array_bytes("f8e4m3fn[10]") == 10
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def test_cli_plan_mesh_that_does_not_fit_the_devices_is_a_config_error(repo_root
 
 
 def test_cli_plan_simulates_the_devices_it_is_asked_for(repo_root, tmp_path):
-    """A fresh process: --devices must take effect although cli.py has imported jax."""
+    """A fresh process: --devices must take effect although jaxformer.cli has imported jax."""
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": ""}
     command = [sys.executable, "-m", "jaxformer.cli", "plan", "--config", "configs/default.py"]
     result = subprocess.run(

@@ -22,8 +22,10 @@ import pytest
 from flax import nnx
 
 from jaxformer import flops
-from jaxformer.config import ConfigError, load_config, validate
-from jaxformer.model import DecoderLM, ModelConfig, count_params
+from jaxformer.config import ConfigError, load_config
+from jaxformer.model import DecoderLM, count_params
+from jaxformer.tasks import model_config
+from jaxformer.train.validation import validate
 
 CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
@@ -44,7 +46,7 @@ def _load(repo_root: Path, name: str, *overrides: str) -> Any:
 
 def _abstract_count(cfg: Any) -> int:
     state = jax.eval_shape(
-        lambda: nnx.state(DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(0)), nnx.Param)
+        lambda: nnx.state(DecoderLM(model_config(cfg.model), nnx.Rngs(0)), nnx.Param)
     )
     return count_params(state)
 

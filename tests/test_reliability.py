@@ -21,11 +21,12 @@ from conftest import TINY_CLI
 
 from jaxformer import cli
 from jaxformer.config import ConfigError, load_config
+from jaxformer.errors import EXIT_PREEMPTED, BadSteps, CheckpointError
 from jaxformer.train import guard as guard_lib
 from jaxformer.train import loop
 from jaxformer.train.checkpoint import DAMAGED_DIR, Checkpointer
-from jaxformer.train.errors import EXIT_PREEMPTED, BadSteps, CheckpointError
 from jaxformer.train.logs import read_metrics
+from jaxformer.train.validation import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -239,7 +240,6 @@ def test_shape_changing_config_fails_naming_keys_and_safe_change_is_logged(
 
 @pytest.mark.parametrize("key", ["max_bad_steps", "spike_sigma", "spike_warmup"])
 def test_negative_guard_settings_are_config_errors(tmp_path: Path, key: str) -> None:
-    from jaxformer.config import validate
 
     with pytest.raises(ConfigError, match=f"train.{key}"):
         validate(_tiny(tmp_path, 4, f"--config.train.{key}=-1"), 8, 1)
@@ -374,7 +374,7 @@ def test_checkpoints_command_lists_inspects_and_exports(
     exported = tmp_path / "params"
     assert cli.main(["checkpoints", "export", str(trained_run), str(exported)]) == 0
     capsys.readouterr()
-    from jaxformer.train.checkpoints_cli import load_exported
+    from jaxformer.train.checkpoint_inspect import load_exported
 
     params, meta = load_exported(exported)
     assert meta["step"] == 4 and meta["config"]["model"]["d_model"] == 32

@@ -16,9 +16,14 @@ from jaxformer import cli, flops
 from jaxformer.config import ConfigError, load_config
 from jaxformer.scaling import runner
 from jaxformer.scaling.collect import write_csv
-from jaxformer.scaling.plan import load_plan, make_plan, plan_from_spec, write_plan
 from jaxformer.scaling.shapes import ShapeRule, shape_for_params
 from jaxformer.scaling.spec import check_spec, load_spec
+from jaxformer.scaling.sweep_plan import (
+    load_sweep_plan,
+    make_sweep_plan,
+    sweep_plan_from_spec,
+    write_sweep_plan,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = ROOT / "configs/sweeps/micro.py"
@@ -45,7 +50,7 @@ def test_shapes_hit_the_target_size_and_follow_the_rule() -> None:
 
 
 def test_isoflop_runs_are_within_10_percent_of_their_budget(tmp_path: Path) -> None:
-    plan = plan_from_spec(MICRO)
+    plan = sweep_plan_from_spec(MICRO)
     spec = load_spec(MICRO)
     assert len(plan.runs) == len(spec.isoflop.budgets) * spec.isoflop.sizes
     for budget in spec.isoflop.budgets:
@@ -62,8 +67,8 @@ def test_isoflop_runs_are_within_10_percent_of_their_budget(tmp_path: Path) -> N
             assert cfg.optimizer.warmup_steps < cfg.train.steps
 
     out = tmp_path / "plan"
-    write_plan(plan, out)
-    assert load_plan(out).runs == plan.runs
+    write_sweep_plan(plan, out)
+    assert load_sweep_plan(out).runs == plan.runs
     run = plan.runs[0]
     args = (out / "configs" / f"{run.name}.args").read_text().split()
     stored = json.loads((out / "configs" / f"{run.name}.json").read_text())
@@ -72,11 +77,11 @@ def test_isoflop_runs_are_within_10_percent_of_their_budget(tmp_path: Path) -> N
     )
     # Planning again into a directory whose runs started is refused if the plan changed.
     (out / "runs" / run.name).mkdir(parents=True)
-    write_plan(plan, out)  # the same plan: fine
-    changed = plan_from_spec(MICRO)
+    write_sweep_plan(plan, out)  # the same plan: fine
+    changed = sweep_plan_from_spec(MICRO)
     changed.runs[0].overrides = [*changed.runs[0].overrides, "--config.train.seed=1"]
     with pytest.raises(ConfigError, match=run.name):
-        write_plan(changed, out)
+        write_sweep_plan(changed, out)
 
 
 def _spec(**sections) -> ml_collections.ConfigDict:
@@ -100,15 +105,15 @@ def test_bad_specs_name_the_problem() -> None:
     with pytest.raises(ConfigError, match="'shape.count'"):
         check_spec(_spec(shape={"count": "embedding"}))
     with pytest.raises(ConfigError, match="min_steps"):
-        make_plan(check_spec(_spec(isoflop={"budgets": (1e9,)})))
+        make_sweep_plan(check_spec(_spec(isoflop={"budgets": (1e9,)})))
     with pytest.raises(ConfigError, match="unknown config key 'model.d_modell'"):
-        make_plan(check_spec(_spec(overrides=("--config.model.d_modell=64",))))
+        make_sweep_plan(check_spec(_spec(overrides=("--config.model.d_modell=64",))))
 
 
 def test_emitted_slurm_array_and_k8s_indexed_job(tmp_path: Path) -> None:
     out = tmp_path / "plan"
-    write_plan(plan_from_spec(MICRO), out)
-    n = len(load_plan(out).runs)
+    write_sweep_plan(sweep_plan_from_spec(MICRO), out)
+    n = len(load_sweep_plan(out).runs)
     sbatch = runner.emit_slurm(out, parallel=4)
     text = sbatch.read_text()
     assert f"#SBATCH --array=0-{n - 1}%4" in text
@@ -123,7 +128,7 @@ def test_emitted_slurm_array_and_k8s_indexed_job(tmp_path: Path) -> None:
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["--plan", "/runs/sweeps/plan", "--index", "$(RUN_INDEX)"]
     with pytest.raises(ConfigError, match="--index 99"):
-        runner.select(load_plan(out), index=99)
+        runner.select(load_sweep_plan(out), index=99)
 
 
 def test_cli_plan_then_fit_a_table(tmp_path: Path, capsys) -> None:

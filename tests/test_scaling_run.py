@@ -14,7 +14,7 @@ import pytest
 
 from jaxformer.scaling import runner
 from jaxformer.scaling.collect import collect, read_csv, write_csv
-from jaxformer.scaling.plan import load_plan, plan_from_spec, write_plan
+from jaxformer.scaling.sweep_plan import load_sweep_plan, sweep_plan_from_spec, write_sweep_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +27,8 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_sweep_run_resumes_after_sigterm_then_skips_finished_runs(tmp_path: Path) -> None:
     plan_dir = tmp_path / "tiny"
-    write_plan(plan_from_spec(ROOT / "configs/sweeps/tiny.py"), plan_dir)
-    plan = load_plan(plan_dir)
+    write_sweep_plan(sweep_plan_from_spec(ROOT / "configs/sweeps/tiny.py"), plan_dir)
+    plan = load_sweep_plan(plan_dir)
     short, long = plan.runs  # 30 and 400 steps, checkpoints every 4 and 50 steps
     assert (short.steps, long.steps) == (30, 400)
 

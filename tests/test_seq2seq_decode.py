@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxformer import decode
-from jaxformer.model import FAMILIES, ModelConfig
+from jaxformer.tasks import model_config, task_for
 
 VOCAB = 64
 NEW = 8
@@ -65,8 +65,8 @@ def _model(make_config: Any, name: str) -> Any:
                 **FAMILY_OVERRIDES[name],
             }
         )
-        model_cfg = ModelConfig.from_config(cfg.model)
-        _MODELS[name] = FAMILIES[model_cfg.family](model_cfg, nnx.Rngs(params=0))
+        model_cfg = model_config(cfg.model)
+        _MODELS[name] = task_for(cfg).model_class(model_cfg, nnx.Rngs(params=0))
     return _MODELS[name]
 
 

@@ -14,11 +14,14 @@ import pytest
 from flax import nnx
 
 from jaxformer import parallel
-from jaxformer.config import ConfigError, validate
-from jaxformer.model.layers import alibi_bias, attention_mask, dot_product_attention
-from jaxformer.train.loss import cross_entropy
+from jaxformer.attention.masks import attention_mask
+from jaxformer.attention.registry import dot_product_attention
+from jaxformer.config import ConfigError
+from jaxformer.losses import cross_entropy
+from jaxformer.model.layers import alibi_bias
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.step import build_model, init_state, jit_steps
+from jaxformer.train.validation import validate
 
 RTOL = 1e-5
 B, L = 4, 16
@@ -93,7 +96,7 @@ def test_ring_attention_equals_dot_product_attention(case):
         return parallel.ring_attention(
             q, k, v, segment_ids_BxL, positions_BxL, bias_BxHxLxL,
             causal=c["causal"], window=c["window"], scale=scale, mesh=mesh,
-            rules=parallel.DEFAULT_RULES,
+            rules=parallel.DEFAULT_RULES, block_mask=attention_mask,
         )  # fmt: skip
 
     def out_and_grads(attend):
@@ -125,7 +128,7 @@ def test_ring_attention_needs_a_split_length():
     with pytest.raises(ValueError, match="not split over a mesh axis"):
         parallel.ring_attention(
             q, q, q, seg, pos, causal=True, scale=1.0, mesh=_mesh("sequence4"),
-            rules={**parallel.DEFAULT_RULES, "length": None},
+            rules={**parallel.DEFAULT_RULES, "length": None}, block_mask=attention_mask,
         )  # fmt: skip
 
 

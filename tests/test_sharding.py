@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxformer import parallel
+from jaxformer.losses import cross_entropy
 from jaxformer.parallel import DEFAULT_RULES, MESH_AXES
-from jaxformer.train.loss import cross_entropy
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.step import build_model, init_state, jit_steps
 

@@ -1,11 +1,9 @@
-"""Splash attention (jaxformer.model.splash_attention) against the einsum reference.
+"""Splash attention (jaxformer.attention.splash) against the einsum reference.
 
 The Pallas TPU kernel runs here in interpret mode (``interpret=True``) on CPU: the same
 kernel code, blocks and masks, executed by Pallas' interpreter. Shapes are the smallest
 the kernel takes: lengths of two 128-blocks, head width 128.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +12,12 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jaxformer import parallel
-from jaxformer.model import splash_attention as splash_module
-from jaxformer.model.layers import attention_mask, dot_product_attention
-from jaxformer.model.splash_attention import splash_attention
+from jaxformer.attention import splash as splash_module
+from jaxformer.attention.masks import attention_mask
+from jaxformer.attention.registry import dot_product_attention
+from jaxformer.attention.splash import splash_attention
+from jaxformer.tasks import model_config
+from jaxformer.train.validation import validate
 
 B, L, H, DH = 2, 256, 4, 128
 SCALE = DH**-0.5
@@ -193,13 +194,11 @@ def test_decoder_with_splash_matches_einsum(make_config, monkeypatch: pytest.Mon
     einsum decoder's (the kernel in interpret mode, as on CPU it must be)."""
     from flax import nnx
 
-    from jaxformer.config import ConfigError, validate
+    from jaxformer.config import ConfigError
     from jaxformer.model import DecoderLM, ModelConfig
-    from jaxformer.model import layers as layers_module
 
-    monkeypatch.setattr(
-        layers_module, "splash_attention", functools.partial(splash_attention, interpret=True)
-    )
+    # The kernel in Pallas' interpreter, as on CPU it must be.
+    backends = {"einsum": None, "splash": splash_module.Splash(interpret=True)}
     overrides = {
         "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 64,
         "model.max_len": 128, "data.seq_len": 128, "model.sliding_window": 64,
@@ -211,7 +210,13 @@ def test_decoder_with_splash_matches_einsum(make_config, monkeypatch: pytest.Mon
     def loss_and_grads(impl: str):
         cfg = make_config({**overrides, "model.attention_impl": impl})
         validate(cfg, 1)
-        model = DecoderLM(ModelConfig.from_config(cfg.model), nnx.Rngs(params=0))
+        attention = backends[impl]
+        mcfg = (
+            model_config(cfg.model)
+            if attention is None
+            else ModelConfig.from_config(cfg.model, attention)
+        )
+        model = DecoderLM(mcfg, nnx.Rngs(params=0))
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(p):

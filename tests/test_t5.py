@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import load_config
-from jaxformer.model import ModelConfig
 from jaxformer.model.t5 import T5, relative_position_bucket
+from jaxformer.tasks import model_config
 
 VOCAB, SRC, TGT = 128, 24, 20
 RTOL = 1e-4
@@ -25,7 +25,7 @@ RTOL = 1e-4
     [("small", 60_506_624), ("base", 222_903_552), ("large", 737_668_096)],
 )
 def test_param_counts(size: str, count: int) -> None:
-    m = ModelConfig.from_config(load_config(f"configs/t5_{size}.py").model)
+    m = model_config(load_config(f"configs/t5_{size}.py").model)
     abstract = nnx.eval_shape(lambda: T5(m, nnx.Rngs(0)))
     leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
     assert sum(int(np.prod(x.shape)) for x in leaves) == count
@@ -49,7 +49,7 @@ def test_dropout_and_gradients() -> None:
     m.vocab_size, m.d_model, m.d_ff, m.num_heads, m.head_dim = 64, 32, 64, 4, 8
     m.num_layers = m.num_encoder_layers = 2
     m.dropout, m.remat, m.dtype = 0.1, "full", "float32"
-    model = T5(ModelConfig.from_config(m), nnx.Rngs(0))
+    model = T5(model_config(m), nnx.Rngs(0))
     b, s, t = 2, 12, 10
     segs = jnp.asarray([[1] * 6 + [2] * 6] * b, jnp.int32)
     pos = jnp.asarray([list(range(6)) * 2] * b, jnp.int32)
@@ -73,7 +73,7 @@ def test_dropout_and_gradients() -> None:
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from jaxformer.model import hf_t5  # noqa: E402
+from jaxformer.hf import t5 as hf_t5  # noqa: E402
 
 
 def _hf_t5(style: str) -> Any:

@@ -25,7 +25,6 @@ import numpy as np
 from jaxformer.config import ConfigError, load_config
 
 log = logging.getLogger("jaxformer")
-SEQ2SEQ = ("encoder_decoder", "t5")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,18 +55,15 @@ def _row(ids: np.ndarray) -> dict[str, np.ndarray]:
 def build_batch(cfg: Any, model: Any, tokenizer: Any, args: argparse.Namespace) -> tuple:
     """(batch, labels per attention key) for the prompt; labels are token strings."""
     from jaxformer import decode
+    from jaxformer.tasks import task_for
 
+    task = task_for(cfg)
     text = tokenizer.encode(args.prompt)
-    family = cfg.model.family
-    if family not in SEQ2SEQ:
-        end = [[tokenizer.eos_id]] if family == "bert" else []  # BERT: [CLS] text [SEP]
-        ids = np.concatenate([[tokenizer.bos_id], text, *end]).astype(np.int32)
-        batch = _row(ids)
-        if family == "bert":
-            batch["token_type_ids"] = np.zeros_like(batch["inputs"])
-        labels = _labels(tokenizer, ids)
-        return batch, {"": (labels, labels)}
-    source = np.append(text, tokenizer.eos_id).astype(np.int32)
+    row = task.text_row(tokenizer, text)  # BERT: [CLS] text [SEP] with token types
+    if not task.seq2seq:
+        labels = _labels(tokenizer, row["inputs"][0])
+        return row, {"": (labels, labels)}
+    source = row["encoder_inputs"][0]  # the text, ended by eos as in training
     if args.target is None:
         target = np.asarray(
             decode.translate(
@@ -83,8 +79,7 @@ def build_batch(cfg: Any, model: Any, tokenizer: Any, args: argparse.Namespace) 
     else:
         target = tokenizer.encode(args.target)
     decoder_ids = np.concatenate([[tokenizer.bos_id], target]).astype(np.int32)
-    encoder = _row(source)
-    batch = {f"encoder_{k}": v for k, v in encoder.items()} | _row(decoder_ids)
+    batch = row | _row(decoder_ids)
     src, tgt = _labels(tokenizer, source), _labels(tokenizer, decoder_ids)
     return batch, {"encoder_": (src, src), "decoder_": (tgt, tgt), "decoder_cross_": (tgt, src)}
 
@@ -146,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"unrecognised arguments: {' '.join(unknown)}")
         cfg = load_config(args.config, rest)
-        from jaxformer import data, decode, parallel
+        from jaxformer import data, parallel
         from jaxformer.model import capture_intermediates
+        from jaxformer.train.setup import restore_params
 
         tokenizer = data.build_tokenizer(cfg.data)
-        model, step, mesh = decode.restore_model(cfg)
+        model, step, mesh = restore_params(cfg)
         with parallel.activate(mesh):
             batch, labels = build_batch(cfg, model, tokenizer, args)
             captured = {k: np.asarray(v)[:, 0] if k != "logits" else np.asarray(v)[0]

@@ -11,6 +11,11 @@ before and between the timed steps),
 compile time, and peak memory (XLA's compiled estimate of arguments + temporaries + outputs,
 and on accelerators the allocator's peak; on CPU the process's peak RSS).
 
+``--baseline=DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/base
+COMMIT``) measures every config on that tree too, alternating with this one for
+``--rounds`` rounds, so a change is compared with its parent on one machine in one run;
+each row names its tree's commit.
+
 Each config runs in a process of its own: the allocator's and the process's peaks only
 grow, so a shared process would report the largest config's peak for every later one, and
 a config that fails (out of memory, say) gets a row naming the error while the rest run.
@@ -34,11 +39,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxformer import flops, hardware, parallel
-from jaxformer.config import load_config, validate
+from jaxformer import hardware, parallel
+from jaxformer.config import load_config
 from jaxformer.host import use_huge_pages
-from jaxformer.train.optim import make_optimizer
-from jaxformer.train.step import init_state, jit_steps
+from jaxformer.tasks import count_flops
+from jaxformer.train.setup import build
+from jaxformer.train.step import jit_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = (
@@ -73,10 +79,9 @@ def compile_step(config: str, overrides: list[str], documents: int = 1):
     """The config's train step compiled for a synthetic batch: (cfg, compiled step, state,
     batch, compile seconds, XLA's memory estimate in bytes or None)."""
     cfg = load_config(config, overrides)
-    mesh = parallel.make_mesh(validate(cfg, jax.device_count()))
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
-    graphdef, state, shardings = init_state(cfg, tx, mesh, parallel.DEFAULT_RULES)
-    train_step, _ = jit_steps(cfg, graphdef, tx, mesh, parallel.DEFAULT_RULES, shardings)
+    built = build(cfg)
+    mesh, state = built.mesh, built.state
+    train_step, _ = jit_steps(cfg, built.graphdef, built.tx, mesh, built.rules, built.shardings)
     sharding = parallel.batch_sharding(mesh)
     batch = {
         k: jax.device_put(v, sharding)
@@ -115,7 +120,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, documents:
         if i >= warmup:
             times.append(time.perf_counter() - start)
             peak_samples += [sample_peak() for _ in range(2)] if sample_peak else []
-    count = flops.count(cfg.model, cfg.data.seq_len)
+    count = count_flops(cfg.model, cfg.data.seq_len)
     step_time = statistics.median(times)
     tokens_per_sec = cfg.train.global_batch * cfg.data.seq_len / step_time
     per_device = tokens_per_sec * count.train_flops_per_token / jax.device_count()
@@ -153,15 +158,22 @@ def config_label(config: str, overrides: list[str], documents: int) -> str:
 
 
 def bench_in_child(
-    config: str, overrides: list[str], steps: int, warmup: int, documents: int = 1
+    config: str,
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    documents: int = 1,
+    tree: Path = ROOT,
 ) -> dict:
-    """bench() in a fresh Python process (module docstring: why); on failure, a result
-    holding the config and the error's last line."""
+    """bench() in a fresh Python process (module docstring: why) running ``tree``'s
+    jaxformer and benchmark; on failure, a result holding the config and the error's last
+    line."""
+    env = os.environ | {"PYTHONPATH": str(tree)} if tree != ROOT else None
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = [
             sys.executable,
-            str(Path(__file__).resolve()),
+            str(tree / "tools" / "benchmark.py"),
             f"--config={config}",
             *overrides,
             f"--steps={steps}",
@@ -169,7 +181,7 @@ def bench_in_child(
             f"--documents={documents}",
             f"--result-file={result_file}",
         ]
-        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
         if proc.returncode == 0 and result_file.exists():
             return json.loads(result_file.read_text())
     lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
@@ -200,22 +212,22 @@ def with_peaks(results: list[dict], platform: str) -> list[dict]:
     return results
 
 
-def git_commit() -> str:
+def git_commit(tree: Path = ROOT) -> str:
     """The checkout's short commit, with +dirty for uncommitted tracked changes;
-    ``JAXFORMER_COMMIT`` instead where the tree was copied without its history."""
-    if os.environ.get("JAXFORMER_COMMIT"):
+    ``JAXFORMER_COMMIT`` instead where this tree was copied without its history."""
+    if tree == ROOT and os.environ.get("JAXFORMER_COMMIT"):
         return os.environ["JAXFORMER_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
+            cwd=tree,
             capture_output=True,
             text=True,
             check=True,
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
+            cwd=tree,
             capture_output=True,
             text=True,
         ).stdout.strip()
@@ -244,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="documents packed per synthetic row (1: none; more: the segment-mask path)",
     )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="another checkout: measure each config there too, alternating",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="with --baseline: alternations")
     parser.add_argument("--write", action="store_true", help="add rows to BENCHMARKS.md")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument(
@@ -273,12 +291,16 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result_file).write_text(json.dumps(result))
         return 0
     date = datetime.date.today().isoformat()
-    commit = git_commit()
+    trees = [ROOT] + ([Path(args.baseline).resolve()] if args.baseline else [])
+    commits = {tree: git_commit(tree) for tree in trees}
     results = []
-    for config, overrides in runs:
-        results.append(bench_in_child(config, overrides, args.steps, args.warmup, args.documents))
+    order = [(c, o, t) for _ in range(max(args.rounds, 1)) for c, o in runs for t in trees]
+    for config, overrides, tree in order:
+        result = bench_in_child(config, overrides, args.steps, args.warmup, args.documents, tree)
+        results.append(result | {"commit": commits[tree]})
         r = results[-1]
         print(
+            f"[{r['commit']}] "
             f"{r['config']}: "
             + (f"FAILED: {r['error']}" if "error" in r else f"step {r['step_time']} s"),
             flush=True,
@@ -287,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = [r for r in results if "error" not in r]
     device_name = measured[0]["device"] if measured else "unknown device"
     rows = [
-        f"| {date} | {device_name} | {commit} | {r['config']} | | | failed: "
+        f"| {date} | {device_name} | {r['commit']} | {r['config']} | | | failed: "
         f"{r['error'].replace('|', '/')} | | | | | | |\n"
         for r in results
         if "error" in r
@@ -301,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         rows.append(
-            f"| {date} | {device_name} | {commit} | {r['config']} | {r['params'] / 1e6:.1f}M "
+            f"| {date} | {device_name} | {r['commit']} | {r['config']} | {r['params'] / 1e6:.1f}M "
             f"| {r['shape']} | {r['step_time']} | {r['tokens_per_sec']:,.0f} "
             f"| {r['tflops']:.3f} | {r['mfu']:.1%} | {r['peak']} | {r['compile_s']:.1f} "
             f"| {r['memory']} |\n"
@@ -313,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             text += "\n" + HEADER
         command = "python tools/benchmark.py " + shlex.join(argv)
         text = text.replace(HEADER, HEADER + "".join(rows), 1)
-        text += f"\n<!-- {date} {commit}: {command} -->\n"
+        text += f"\n<!-- {date} {' vs '.join(commits.values())}: {command} -->\n"
         path.write_text(text)
         print(f"wrote {len(rows)} row(s) to {path}")
     return 1 if any("error" in r for r in results) else 0

@@ -6,10 +6,11 @@ collectives against the analytic minimum, with every excess attributed to its ca
     python tools/collectives.py --write=docs/collectives.md
     python tools/collectives.py --config.model.d_model=512   # any config override
 
-Each layout is one mesh axis of n simulated CPU devices; ``jaxformer.plan`` compiles the
-train step for it and parses the optimized HLO. Every buffer a collective moves is traced
-to the model code that made it (``Collective.op_names``/``functions``) and given a role
-(weight gathers, gradient reduction, activation all-reduces...). Bytes are what each device
+Each layout is one mesh axis of n simulated CPU devices; ``jaxformer.step_plan`` compiles
+the train step for it and ``jaxformer.hlo`` parses the optimized HLO. Every buffer a
+collective moves is traced to the model code that made it (``Collective.op_names``/
+``functions``) and given a role (weight gathers, gradient reduction, activation
+all-reduces...). Bytes are what each device
 sends per step under ring algorithms (``Collective.sent_per_step``: (n-1)/n of the buffer
 for all-gather and reduce-scatter, 2(n-1)/n for all-reduce), for the compiled program and
 for the analytic minimum alike. A third column is the model of what XLA:CPU compiles, the
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxformer import plan as plan_lib
+from jaxformer import hlo, step_plan
 from jaxformer.config import ConfigError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +79,13 @@ def sizes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> Sizes:
     from flax import nnx
 
     from jaxformer import parallel
-    from jaxformer.train.optim import make_optimizer
-    from jaxformer.train.step import abstract_state
+    from jaxformer.train.setup import build
 
     num_devices = math.prod(mesh_shape.values())
-    mesh = parallel.make_mesh(mesh_shape, jax.devices()[:num_devices])
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
-    _, state, _ = abstract_state(cfg, tx, mesh, parallel.DEFAULT_RULES)
+    built = build(cfg, devices=jax.devices()[:num_devices], abstract=True)
+    if built.mesh_shape != dict(mesh_shape):
+        raise ValueError(f"the config's mesh {built.mesh_shape} is not {dict(mesh_shape)}")
+    state = built.state
     kernels = replicated = table = head = sharded = 0
     splits = math.prod(mesh_shape[axis] for axis in ("fsdp", "tensor"))
     for path, variable in nnx.to_flat_state(state.params):
@@ -281,7 +282,7 @@ def classify(layout: str, kind: str, shape: str, functions: tuple[str, ...], s: 
     return "unexplained"
 
 
-def compiled_roles(layout: str, got: plan_lib.Plan, s: Sizes) -> dict[str, Compiled]:
+def compiled_roles(layout: str, got: step_plan.StepPlan, s: Sizes) -> dict[str, Compiled]:
     """The compiled step's collective bytes, buffer by buffer, summed per role."""
     out: dict[str, Compiled] = {}
     for c in got.collectives:
@@ -290,7 +291,7 @@ def compiled_roles(layout: str, got: plan_lib.Plan, s: Sizes) -> dict[str, Compi
         for shape, functions in zip(c.shapes, c.functions, strict=True):
             name = classify(layout, c.kind, shape, functions, s)
             role = out.setdefault(name, Compiled({}, 0.0))
-            role.sent += sent * plan_lib.array_bytes(shape) / c.bytes if c.bytes else 0
+            role.sent += sent * hlo.array_bytes(shape) / c.bytes if c.bytes else 0
             if name not in seen:  # a tuple collective counts once per role it serves
                 role.kinds[c.kind] = role.kinds.get(c.kind, 0) + c.executions
                 seen.add(name)
@@ -337,7 +338,7 @@ def measure(base: ml_collections.ConfigDict, layout: str, n: int) -> list[Row]:
     the analytic count, role by role."""
     cfg, mesh_shape = layout_config(base, layout, n)
     s = sizes(cfg, mesh_shape)
-    got = plan_lib.plan(cfg, plan_lib.plan_devices(n))
+    got = step_plan.plan(cfg, step_plan.plan_devices(n))
     compiled = compiled_roles(layout, got, s)
     rows = []
     for role in roles(layout, n, s):
@@ -352,7 +353,7 @@ def measure(base: ml_collections.ConfigDict, layout: str, n: int) -> list[Row]:
 
 
 def _size(n: float) -> str:
-    return plan_lib._human(round(n))
+    return step_plan._human(round(n))
 
 
 def _ratio(a: float, b: float) -> str:
@@ -441,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     layouts = args.layouts.split(",")
     if bad := [x for x in layouts if x not in LAYOUTS]:
         parser.error(f"unknown layouts {bad}; expected some of {LAYOUTS}")
-    plan_lib.use_host_devices(max(devices))
+    step_plan.use_host_devices(max(devices))
     shape = [f"--config.{k}={v}" for k, v in SHAPE.items()]
     try:
         cfg = load_config(args.config, [*shape, *rest])

@@ -20,9 +20,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxformer import flops
 from jaxformer.config import ConfigError, load_config
-from jaxformer.model import build_model
+from jaxformer.tasks import build_model, count_flops
 
 # Parameters that are lookup tables rather than matmul weights (flops.count's convention).
 EMBEDDING_NAMES = ("embed", "pos_embed", "type_embed")
@@ -51,7 +50,7 @@ def report(cfg: Any, seq_len: int | None = None) -> tuple[str, bool]:
     """The printed report and whether the two counts agree."""
     seq_len = seq_len or cfg.data.seq_len
     got = counts(cfg.model)
-    ref = flops.count(cfg.model, seq_len)
+    ref = count_flops(cfg.model, seq_len)
     agree = (got["total"], got["embedding"]) == (ref.params, ref.embedding_params)
     rows = [
         ("parameters", got["total"], ref.params),

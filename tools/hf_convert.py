@@ -33,8 +33,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxformer import hf
 from jaxformer.config import ConfigError, load_config
-from jaxformer.model import hf_common as hfc
+from jaxformer.train.validation import validate
 
 log = logging.getLogger("jaxformer")
 
@@ -42,10 +43,10 @@ log = logging.getLogger("jaxformer")
 def derive(cfg: Any, hf_dir: str) -> list[str]:
     """The ``--config.model.KEY=VALUE`` overrides that make ``cfg``'s model the one of
     ``hf_dir`` (empty when it already is)."""
-    hf_config = hfc.read_hf_config(hf_dir)
-    family = hfc.family_of_hf_config(hf_config, str(Path(hf_dir) / hfc.CONFIG_FILE))
-    derived = family.config_from_hf(hf_config, hfc.tensor_shapes(hf_dir))
-    overrides = hfc.derived_overrides(cfg, derived, family)
+    hf_config = hf.read_hf_config(hf_dir)
+    model_type = hf.model_type_of_hf_config(hf_config, str(Path(hf_dir) / hf.CONFIG_FILE))
+    derived = model_type.config_from_hf(hf_config, hf.tensor_shapes(hf_dir))
+    overrides = hf.derived_overrides(cfg, derived, model_type)
     if cfg.data.seq_len > derived.model.max_len:  # else the config would not validate
         overrides.append(f"--config.data.seq_len={derived.model.max_len}")
     return overrides
@@ -54,14 +55,14 @@ def derive(cfg: Any, hf_dir: str) -> list[str]:
 def check_matches(cfg: Any, hf_dir: str) -> None:
     """Raises ConfigError naming every model key of ``cfg`` that differs from
     ``hf_dir``'s config.json (the weights alone cannot reveal eps, RoPE base ...)."""
-    hf_config = hfc.read_hf_config(hf_dir)
-    family = hfc.family_of_hf_config(hf_config, str(Path(hf_dir) / hfc.CONFIG_FILE))
-    derived = family.config_from_hf(hf_config, hfc.tensor_shapes(hf_dir))
-    wrong = hfc.config_differences(cfg, derived, family)
+    hf_config = hf.read_hf_config(hf_dir)
+    model_type = hf.model_type_of_hf_config(hf_config, str(Path(hf_dir) / hf.CONFIG_FILE))
+    derived = model_type.config_from_hf(hf_config, hf.tensor_shapes(hf_dir))
+    wrong = hf.config_differences(cfg, derived, model_type)
     if wrong:
         detail = ", ".join(f"model.{k}={a!r} (config.json: {b!r})" for k, (a, b) in wrong.items())
         raise ConfigError(
-            f"the config's model is not the {family.name} model of '{hf_dir}': {detail}; "
+            f"the config's model is not the {model_type.name} model of '{hf_dir}': {detail}; "
             "rerun with --derive to print the --config overrides that match"
         )
 
@@ -70,35 +71,31 @@ def import_dir(cfg: Any, hf_dir: str) -> Path:
     """Writes ``hf_dir``'s weights as the step-0 checkpoint of ``cfg.train.run_dir``:
     the state ``init_state`` makes (fresh optimizer state and RNG) with the imported
     parameters in place of the random ones. Returns the checkpoint directory."""
-    from jaxformer import parallel
-    from jaxformer.config import validate
     from jaxformer.train.checkpoint import Checkpointer, run_meta
-    from jaxformer.train.optim import make_optimizer
-    from jaxformer.train.step import init_state
+    from jaxformer.train.setup import build
 
     check_matches(cfg, hf_dir)
-    mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
+    validate(cfg, jax.device_count(), jax.process_count())  # before reading any weights
     directory = Path(cfg.train.run_dir) / "checkpoints"
     if directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir()):
         raise ConfigError(
             f"'{cfg.train.run_dir}' (train.run_dir) already holds checkpoints: import into "
             "a new run directory"
         )
-    model = hfc.load_hf_dir(hf_dir, cfg, seed=cfg.train.seed)
-    imported = hfc.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    model = hf.load_hf_dir(hf_dir, cfg, seed=cfg.train.seed)
+    imported = hf.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     del model
 
-    mesh = parallel.make_mesh(mesh_shape)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
-    _, state, _ = init_state(cfg, tx, mesh, parallel.DEFAULT_RULES)
-    current = hfc.flatten(nnx.to_pure_dict(state.params))
+    built = build(cfg)
+    state, mesh_shape = built.state, built.mesh_shape
+    current = hf.flatten(nnx.to_pure_dict(state.params))
     for path, value in imported.items():
         old = current[path]
         value = np.asarray(value)
         if value.shape != old.shape or value.dtype != old.dtype:  # same config: a bug
-            raise AssertionError(f"{hfc.path_name(path)}: {value.shape} {value.dtype} != {old}")
+            raise AssertionError(f"{hf.path_name(path)}: {value.shape} {value.dtype} != {old}")
         current[path] = jax.device_put(value, old.sharding)  # each device gets its shard
-    nnx.replace_by_pure_dict(state.params, hfc.nest(current))
+    nnx.replace_by_pure_dict(state.params, hf.nest(current))
 
     checkpointer = Checkpointer(
         directory, keep=cfg.train.keep_checkpoints, every=0, use_async=False
@@ -118,14 +115,15 @@ def import_dir(cfg: Any, hf_dir: str) -> Path:
 
 
 def export_dir(
-    cfg: Any, out: str, *, family: str | None = None, max_shard_size: int = hfc.MAX_SHARD_SIZE
+    cfg: Any, out: str, *, model_type: str | None = None, max_shard_size: int = hf.MAX_SHARD_SIZE
 ) -> tuple[int, list[str]]:
-    """Writes the latest checkpoint of ``cfg.train.run_dir`` as a Hugging Face directory;
-    returns its step and the weight files written."""
-    from jaxformer import decode
+    """Writes the latest checkpoint of ``cfg.train.run_dir`` as a Hugging Face directory
+    (of ``model_type``, config.json's, if given: it must be the one that holds the
+    model); returns its step and the weight files written."""
+    from jaxformer.train.setup import restore_params
 
-    model, step, _ = decode.restore_model(cfg)
-    return step, hfc.save_hf_dir(model, out, family, max_shard_size=max_shard_size)
+    model, step, _ = restore_params(cfg)
+    return step, hf.save_hf_dir(model, out, model_type, max_shard_size=max_shard_size)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,9 +143,13 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="the latest checkpoint -> a Hugging Face directory")
     exp.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
     exp.add_argument("--out", required=True, help="the directory to write")
-    exp.add_argument("--family", default=None, choices=["gpt2", "llama", "bert", "t5"])
     exp.add_argument(
-        "--max_shard_size", type=int, default=hfc.MAX_SHARD_SIZE,
+        "--model_type", default=None, choices=sorted(hf.MODEL_TYPES),
+        help="config.json's model_type to write; refused unless it is the one that holds "
+        "the model (by default, that one)",
+    )  # fmt: skip
+    exp.add_argument(
+        "--max_shard_size", type=int, default=hf.MAX_SHARD_SIZE,
         help="bytes per safetensors file; more are written as shards with an index",
     )  # fmt: skip
     return parser
@@ -172,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"imported '{args.hf_dir}' as {written} (step 0)")
         else:
             step, files = export_dir(
-                cfg, args.out, family=args.family, max_shard_size=args.max_shard_size
+                cfg, args.out, model_type=args.model_type, max_shard_size=args.max_shard_size
             )
             print(f"exported step {step} of '{cfg.train.run_dir}' to '{args.out}': {files}")
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:

@@ -5,8 +5,7 @@ from jaxformer.data.bert_tasks import (
     make_classification_dataset,
     make_nsp_dataset,
 )
-from jaxformer.data.errors import DataError, MissingDataError
-from jaxformer.data.pipeline import (
+from jaxformer.data.lm_dataset import (
     BATCH_KEYS,
     bits_per_byte,
     count_target_bytes,
@@ -30,6 +29,7 @@ from jaxformer.data.tokenizers import (
     Tokenizer,
     build_tokenizer,
 )
+from jaxformer.errors import DataError, MissingDataError
 
 __all__ = [
     "BATCH_KEYS",

@@ -3,7 +3,7 @@
 Both build one example per row, ``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]``, padded
 to ``seq_len`` (the pooler reads each row's first token, so rows are not packed), with
 ``token_type_ids`` 0 on ``[CLS] A [SEP]`` and 1 on ``B [SEP]``. ``[CLS]`` and ``[SEP]`` are
-the tokenizer's bos and eos, as in the masked-LM rows of :mod:`jaxformer.data.pipeline`
+the tokenizer's bos and eos, as in the masked-LM rows of :mod:`jaxformer.data.lm_dataset`
 (a packed document is ``[bos] text [eos]``), and ``[MASK]`` is the first id after the
 tokenizer's vocabulary.
 
@@ -31,8 +31,7 @@ import grain
 import numpy as np
 
 from jaxformer.data import text_files
-from jaxformer.data.errors import DataError
-from jaxformer.data.pipeline import (
+from jaxformer.data.lm_dataset import (
     _MIN_SHUFFLE_WINDOW,
     RecordSource,
     _MaskRow,
@@ -44,6 +43,7 @@ from jaxformer.data.pipeline import (
     to_iter,
 )
 from jaxformer.data.tokenizers import Tokenizer, build_tokenizer
+from jaxformer.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,7 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from jaxformer.data.errors import DataError, MissingDataError
-from jaxformer.data.objectives import span_corrupt
-from jaxformer.data.pipeline import (
+from jaxformer.data.lm_dataset import (
     BATCH_KEYS,
     RecordSource,
     _local_data_dir,
@@ -45,7 +43,9 @@ from jaxformer.data.pipeline import (
     load_documents,
     to_iter,
 )
+from jaxformer.data.objectives import span_corrupt
 from jaxformer.data.tokenizers import Tokenizer, build_tokenizer
+from jaxformer.errors import DataError, MissingDataError
 
 logger = logging.getLogger(__name__)
 

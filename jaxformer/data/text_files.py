@@ -25,7 +25,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxformer.data.errors import DataError, MissingDataError
+from jaxformer.errors import DataError, MissingDataError
 
 DEFAULT_DATA_DIR = "~/.cache/jaxformer/tfds"
 DATA_DIR_ENV = "JAXFORMER_DATA_DIR"

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import sentencepiece as spm
 
-from jaxformer.data.errors import DataError, MissingDataError
+from jaxformer.errors import DataError, MissingDataError
 
 PAD_ID = 0
 BOS_ID = 1

@@ -1,25 +1,17 @@
-"""Model code: math and logical axis names only, no mesh axes."""
+"""Model code: math and logical axis names only, no mesh axes.
 
-from typing import Any
+Which class a config builds, with which attention backend, is decided by the family's
+task (``jaxformer/tasks/``), not here.
+"""
 
 import jax
 from flax import nnx
 
 from jaxformer.model.bert import Bert
-from jaxformer.model.decoder import DecoderLM, ModelConfig, count_params
+from jaxformer.model.config import ModelConfig
+from jaxformer.model.decoder import DecoderLM, count_params
 from jaxformer.model.encoder_decoder import EncoderDecoder
 from jaxformer.model.t5 import T5
-
-FAMILIES = {"decoder": DecoderLM, "encoder_decoder": EncoderDecoder, "bert": Bert, "t5": T5}
-
-
-def build_model(model_cfg: Any, seed: int) -> nnx.Module:
-    """The model ``model_cfg.family`` names, with parameters drawn from ``seed``."""
-    cfg = ModelConfig.from_config(model_cfg)
-    if cfg.family == "bert":  # a sequence classifier when model.num_labels > 0
-        return Bert(cfg, nnx.Rngs(params=seed), num_labels=model_cfg.get("num_labels", 0))
-    return FAMILIES[cfg.family](cfg, nnx.Rngs(params=seed))
-
 
 INTERMEDIATE_SUFFIXES = ("hidden_states", "attention")
 
@@ -49,10 +41,8 @@ __all__ = [
     "Bert",
     "DecoderLM",
     "EncoderDecoder",
-    "FAMILIES",
     "ModelConfig",
     "T5",
-    "build_model",
     "capture_intermediates",
     "count_params",
 ]

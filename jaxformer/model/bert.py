@@ -17,18 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model.decoder import ModelConfig
+from jaxformer.attention.masks import attention_mask
+from jaxformer.model.config import ModelConfig
 from jaxformer.model.encoder_decoder import EncoderBlock, _scan, _stack
-from jaxformer.model.layers import (
-    Dense,
-    Norm,
-    attention_mask,
-    dropout,
-    param,
-    stack_hidden,
-    tied_logits,
-)
-from jaxformer.parallel import constrain
+from jaxformer.model.layers import Dense, Norm, dropout, param, stack_hidden
+from jaxformer.model.products import tied_logits
+from jaxformer.parallel.sharding import constrain
 
 
 class Bert(nnx.Module):
@@ -36,7 +30,7 @@ class Bert(nnx.Module):
 
     Parameter names (``embed``, ``pos_embed``, ``type_embed``, ``encoder``, ``pooler``,
     ``mlm_dense``, ``mlm_norm``, ``mlm_bias``, ``nsp``, ``classifier``) are what
-    :mod:`jaxformer.model.hf_bert` maps to Hugging Face's names.
+    :mod:`jaxformer.hf.bert` maps to Hugging Face's names.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, num_labels: int = 0):

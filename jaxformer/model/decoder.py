@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,96 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model.layers import (
-    MLP,
-    Attention,
-    Norm,
-    TokenEmbeddings,
-    cache_slots,
-    dropout,
-    self_attention_mask,
-    stack_hidden,
-)
+from jaxformer.attention.masks import attention_mask, cache_slots
+from jaxformer.model.config import ModelConfig
+from jaxformer.model.layers import MLP, Attention, Norm, TokenEmbeddings, dropout, stack_hidden
 from jaxformer.model.moe import MoEMLP, reduce_layers
-from jaxformer.parallel import constrain
-
-_policies = jax.checkpoint_policies
-_dense_outputs = _policies.save_only_these_names("dense")  # layers.Dense's products
-
-
-def fused_attention_outputs(prim, *_, **__) -> bool:
-    """Saves what cuDNN's fused attention forward returns (its output and softmax
-    statistics, the residuals of its backward kernel), so the backward does not run the
-    forward kernel again: llama_1b's step on an H100 went from 0.519 to 0.504 s."""
-    return prim.name.startswith("dot_product_attention_fwd")
-
-
-_dots_no_batch = _policies.save_from_both_policies(
-    _policies.dots_with_no_batch_dims_saveable, _dense_outputs
-)
-REMAT_POLICIES = {
-    "full": _policies.nothing_saveable,
-    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _dense_outputs),
-    "dots_no_batch": _dots_no_batch,
-    # dots_no_batch, and the fused attention's outputs (attention_impl=dot_product on GPUs).
-    "dots_attention": _policies.save_from_both_policies(_dots_no_batch, fused_attention_outputs),
-    # Only the attention projections (named in layers.Attention._qkv): the MLP, the
-    # attention scores and the norms are recomputed; q, k and v are not.
-    "qkv": _policies.save_only_these_names("query", "key", "value"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The model section of a config, with defaults resolved and dtypes as numpy types."""
-
-    vocab_size: int
-    d_model: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    d_ff: int
-    max_len: int
-    position: str
-    rope_base: float
-    norm: str
-    norm_position: str
-    norm_eps: float
-    mlp: str
-    use_bias: bool
-    tie_embeddings: bool
-    dropout: float
-    scan_layers: bool
-    remat: str
-    attention_impl: str
-    sliding_window: int
-    moe_experts: int
-    moe_top_k: int
-    moe_capacity_factor: float
-    moe_d_ff: int
-    moe_aux_loss: float
-    moe_z_loss: float
-    family: str
-    num_encoder_layers: int
-    scale_embeddings: bool
-    scale_attention: bool
-    type_vocab_size: int
-    relative_buckets: int
-    relative_max_distance: int
-    dtype: Any
-    param_dtype: Any
-    init_std: float
-
-    @classmethod
-    def from_config(cls, model_cfg: Any) -> ModelConfig:
-        values = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
-        values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
-        values["head_dim"] = values["head_dim"] or values["d_model"] // values["num_heads"]
-        values["num_encoder_layers"] = values["num_encoder_layers"] or values["num_layers"]
-        values["dtype"] = jnp.dtype(values["dtype"])
-        values["param_dtype"] = jnp.dtype(values["param_dtype"])
-        return cls(**values)
+from jaxformer.model.remat import REMAT_POLICIES
+from jaxformer.parallel.sharding import constrain
 
 
 class Block(nnx.Module):
@@ -251,6 +166,28 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
     def _final(self, x_BxLxD: jax.Array) -> jax.Array:
         return self.final_norm(x_BxLxD) if self.final_norm is not None else x_BxLxD
 
+    # -- the pipeline-stage interface (jaxformer.parallel.pipeline_parallel.StageModel) --
+
+    def embed_tokens(self, inputs_BxL: jax.Array, positions_BxL: jax.Array, key: Any) -> jax.Array:
+        """Token (+ position) embedding, with dropout when ``key`` is given."""
+        return self._embed(inputs_BxL, positions_BxL, key)
+
+    def stage_layers(
+        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array, key: Any
+    ) -> jax.Array:
+        """Every layer of this model under the dense causal mask (a pipeline stage's model
+        holds its share of the layers); the MoE aux values are not returned."""
+        mask_BxLxS = attention_mask(
+            segment_ids_BxL, causal=True, positions_BxL=positions_BxL,
+            window=self.cfg.sliding_window,
+        )  # fmt: skip
+        y_BxLxD, _, _ = self._run_blocks(x_BxLxD, mask_BxLxS, positions_BxL, key)
+        return y_BxLxD
+
+    def stage_head(self, y_BxLxD: jax.Array) -> jax.Array:
+        """The final norm and float32 logits of the last layer's output."""
+        return self.output_logits(self._final(y_BxLxD))
+
     def __call__(
         self,
         inputs_BxL: jax.Array,
@@ -264,7 +201,7 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Returns float32 logits [B, L, V]; ``dropout_key=None`` runs deterministically.
         ``return_hidden`` returns the final hidden states [B, L, D] instead, for a loss
-        that projects them itself (``train.loss_chunk``, via ``_output_logits``).
+        that projects them itself (``train.loss_chunk``, via ``output_logits``).
 
         With ``return_aux``, returns (logits, aux): the MoE auxiliary values summed over
         layers (``aux_loss``, ``z_loss``, already weighted, to add to the training loss)
@@ -275,17 +212,16 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
         if dropout_key is not None:
             embed_key, block_key = jax.random.split(dropout_key)
         x_BxLxD = self._embed(inputs_BxL, positions_BxL, embed_key)
-        mask_BxLxS = self_attention_mask(
-            segment_ids_BxL, positions_BxL, causal=True, window=self.cfg.sliding_window,
-            keep_unbuilt=self.cfg.attention_impl == "splash",
-        )  # fmt: skip
+        mask_BxLxS = self.cfg.attention.self_mask(
+            segment_ids_BxL, positions_BxL, causal=True, window=self.cfg.sliding_window
+        )
         x_BxLxD, aux, captured = self._run_blocks(
             x_BxLxD, mask_BxLxS, positions_BxL, block_key, capture
         )
         x_BxLxD = self._final(x_BxLxD)
         if capture:
             aux = {**aux, **stack_hidden(captured, x_BxLxD, "")}
-        out = x_BxLxD if return_hidden else self._output_logits(x_BxLxD)
+        out = x_BxLxD if return_hidden else self.output_logits(x_BxLxD)
         return (out, aux) if return_aux or capture else out
 
     def apply_batch(
@@ -361,7 +297,7 @@ class DecoderLM(TokenEmbeddings, nnx.Module):
             "positions": pos_BxS,
             "index": index + inputs_BxT.shape[1],
         }
-        return self._output_logits(self._final(x_BxTxD)), new_cache
+        return self.output_logits(self._final(x_BxTxD)), new_cache
 
 
 def count_params(state: Any) -> int:

@@ -16,19 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model.decoder import REMAT_POLICIES, ModelConfig
-from jaxformer.model.layers import (
-    MLP,
-    Attention,
-    Norm,
-    TokenEmbeddings,
-    attention_mask,
-    cache_slots,
-    dropout,
-    segments_and_positions,
-    stack_hidden,
-)
-from jaxformer.parallel import constrain
+from jaxformer.attention.masks import attention_mask, cache_slots, segments_and_positions
+from jaxformer.model.config import ModelConfig
+from jaxformer.model.layers import MLP, Attention, Norm, TokenEmbeddings, dropout, stack_hidden
+from jaxformer.model.remat import REMAT_POLICIES
+from jaxformer.parallel.sharding import constrain
 
 Captured = dict[str, jax.Array]
 
@@ -235,7 +227,7 @@ class EncoderDecoder(TokenEmbeddings, nnx.Module):
         return norm(x_BxLxD) if norm is not None else x_BxLxD
 
     def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-        return self._output_logits(x_BxLxD)
+        return self.output_logits(x_BxLxD)
 
     # -- training forward ---------------------------------------------------------------
 

@@ -1,26 +1,26 @@
 """Transformer building blocks as Flax NNX modules: only math and logical axis names.
 
-Tensor names carry their shape: B batch, L length (queries), S length (keys), D model
-width, H query heads, K key/value heads, G query heads per KV head, Dh head width,
-F MLP width, V vocabulary. Parameters are float32 and cast to the compute dtype at use.
+Attention itself runs through the backend object in ``ModelConfig.attention``
+(``jaxformer/attention/``), chosen before the model is built. Tensor names carry their
+shape: B batch, L length (queries), S length (keys), D model width, H query heads, K
+key/value heads, G query heads per KV head, Dh head width, F MLP width, V vocabulary.
+Parameters are float32 and cast to the compute dtype at use.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxformer.model.splash_attention import splash_attention
-from jaxformer.parallel import constrain, ring_attention, sequence_sharded
+from jaxformer.model.products import contract_last, tied_logits
+from jaxformer.parallel.sharding import constrain
 
 Axes = tuple[str | None, ...]
 
@@ -43,72 +43,6 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def contract_last(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
-    """x's last ``n`` axes contracted with w's first ``n``: ``[..., IN] x [IN, OUT] -> [..., OUT]``.
-
-    The same product as ``jax.lax.dot_general``, with a custom weight gradient. XLA:CPU
-    runs a product that contracts leading axes by first copying its left operand
-    transposed; autodiff always puts the cotangent ``g`` on the left (``(g^T x)^T``), so
-    every ``[B, L, OUT]`` cotangent (and the ``[B, L, V]`` logits' one) was copied. Here the
-    narrower of x and g goes on the left: this halved the train step of a 4-layer,
-    32k-vocabulary decoder on a CPU (docs/performance.md).
-    """
-    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-    return jax.lax.dot_general(x, w, (contract, ((), ())))
-
-
-def _contract_last_fwd(x: jax.Array, w: jax.Array, n: int) -> tuple[jax.Array, tuple]:
-    return contract_last(x, w, n), (x, w)
-
-
-def _contract_last_bwd(n: int, saved: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, w = saved
-    lead = tuple(range(x.ndim - n))  # x's (and g's) leading axes
-    g_out = tuple(range(len(lead), g.ndim))
-    dx = jax.lax.dot_general(g, w, ((g_out, tuple(range(n, w.ndim))), ((), ())))
-    if math.prod(x.shape[len(lead) :]) <= math.prod(g.shape[len(lead) :]):
-        dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())))
-    else:  # XLA:CPU copies the left operand transposed: make that the narrower one
-        dw_t = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))  # [OUT..., IN...]
-        out_axes = tuple(range(len(g_out)))
-        dw = dw_t.transpose(*(a + len(g_out) for a in range(n)), *out_axes)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-contract_last.defvjp(_contract_last_fwd, _contract_last_bwd)
-
-
-@jax.custom_vjp
-def tied_logits(x_BxLxD: jax.Array, table_VxD: jax.Array) -> jax.Array:
-    """Float32 logits ``x @ table^T`` from operands in the compute dtype, whose backward
-    products run in that dtype too.
-
-    Left to autodiff, the float32 cotangent of float32 logits meets the bf16 operands and
-    both backward products of the vocabulary projection run in float32 (on an H100, GPT-2
-    124M's took 35 ms of a 126 ms step, its bf16 forward 7.8 ms). Here the cotangent is cast
-    to the operands' dtype first, as the untied head's ``Dense(...).astype(float32)`` does;
-    products accumulate in float32. In float32 this is exactly autodiff's gradient.
-    """
-    return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD, preferred_element_type=jnp.float32)
-
-
-def _tied_logits_fwd(x_BxLxD: jax.Array, table_VxD: jax.Array) -> tuple[jax.Array, tuple]:
-    return tied_logits(x_BxLxD, table_VxD), (x_BxLxD, table_VxD)
-
-
-def _tied_logits_bwd(saved: tuple, g_BxLxV: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x_BxLxD, table_VxD = saved
-    g_BxLxV = g_BxLxV.astype(x_BxLxD.dtype)
-    f32 = jnp.float32
-    dx_BxLxD = jnp.einsum("blv,vd->bld", g_BxLxV, table_VxD, preferred_element_type=f32)
-    dtable_VxD = jnp.einsum("blv,bld->vd", g_BxLxV, x_BxLxD, preferred_element_type=f32)
-    return dx_BxLxD.astype(x_BxLxD.dtype), dtable_VxD.astype(table_VxD.dtype)
-
-
-tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 class Dense(nnx.Module):
@@ -205,135 +139,6 @@ def rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, base: float) -> jax.Ar
     return out.astype(x_BxLxHxDh.dtype)
 
 
-def attention_mask(
-    segment_ids_BxL: jax.Array,
-    causal: bool,
-    *,
-    key_segment_ids_BxS: jax.Array | None = None,
-    positions_BxL: jax.Array | None = None,
-    key_positions_BxS: jax.Array | None = None,
-    window: int = 0,
-) -> jax.Array:
-    """True where query i may attend to key j: same non-padding document, and (causal)
-    j not after i, and (``window > 0``) j fewer than ``window`` positions before i.
-
-    Keys default to the queries (self-attention). With positions given, "after" and the
-    window compare positions, which also holds for keys in a decoding cache.
-    """
-    seg_k = segment_ids_BxL if key_segment_ids_BxS is None else key_segment_ids_BxS
-    mask_BxLxS = (segment_ids_BxL[:, :, None] == seg_k[:, None, :]) & (
-        segment_ids_BxL[:, :, None] > 0
-    )
-    if not causal and window <= 0:
-        return mask_BxLxS
-    if positions_BxL is None:
-        length = segment_ids_BxL.shape[1]
-        positions_BxL = jnp.broadcast_to(jnp.arange(length), segment_ids_BxL.shape)
-    pos_k = positions_BxL if key_positions_BxS is None else key_positions_BxS
-    distance_BxLxS = positions_BxL[:, :, None] - pos_k[:, None, :]
-    if causal:
-        mask_BxLxS &= distance_BxLxS >= 0
-    if window > 0:
-        mask_BxLxS &= jnp.abs(distance_BxLxS) < window
-    return mask_BxLxS
-
-
-@flax.struct.dataclass
-class SegmentMask:
-    """A self-attention mask as :func:`attention_mask`'s arguments, with the dense
-    ``[B, L, L]`` mask built once for all layers (``dense_BxLxL``) unless sequence
-    parallelism or the splash kernel build theirs from the segment ids themselves.
-
-    Causal masks here are causal in token order as well as in positions, so the einsum
-    path may skip the key blocks after each query block (:func:`causal_blocks`).
-    """
-
-    segment_ids_BxL: jax.Array
-    positions_BxL: jax.Array
-    causal: bool = flax.struct.field(pytree_node=False, default=True)
-    window: int = flax.struct.field(pytree_node=False, default=0)
-    dense_BxLxL: jax.Array | None = None
-
-    def one_document_per_row(self) -> jax.Array:
-        """A scalar, True when every row is one document with no padding and consecutive
-        positions: then the mask is plain causal (window 0) and fused kernels need none."""
-        seg_BxL, pos_BxL = self.segment_ids_BxL, self.positions_BxL
-        same = jnp.all((seg_BxL == seg_BxL[:, :1]) & (seg_BxL > 0))
-        return same & jnp.all(pos_BxL[:, 1:] - pos_BxL[:, :-1] == 1)
-
-    def dense(self) -> jax.Array:
-        if self.dense_BxLxL is not None:
-            return self.dense_BxLxL
-        mask_BxLxL = attention_mask(
-            self.segment_ids_BxL, self.causal, positions_BxL=self.positions_BxL,
-            window=self.window,
-        )  # fmt: skip
-        if self.causal:  # never a later token, whatever the positions say
-            length = self.segment_ids_BxL.shape[1]
-            mask_BxLxL &= jnp.tril(jnp.ones((length, length), bool))
-        return mask_BxLxL
-
-
-def self_attention_mask(
-    segment_ids_BxL: jax.Array,
-    positions_BxL: jax.Array,
-    causal: bool,
-    window: int = 0,
-    *,
-    keep_unbuilt: bool = False,
-) -> SegmentMask:
-    """The mask a stack's layers share, its dense form built once outside the layer loop;
-    left unbuilt when sequence parallelism will build it block by block, or when
-    ``keep_unbuilt`` (the splash kernel builds its own from the segment ids)."""
-    mask = SegmentMask(segment_ids_BxL, positions_BxL, causal=causal, window=window)
-    if keep_unbuilt or sequence_sharded(segment_ids_BxL.shape[1]):
-        return mask
-    return mask.replace(dense_BxLxL=mask.dense())
-
-
-def causal_blocks(length: int, window: int = 0) -> list[tuple[int, int, int]]:
-    """``(query_start, query_end, key_start)`` of the query blocks a causal self-attention
-    of ``length`` is computed in, each against keys ``[key_start, query_end)``: the keys
-    after a block (and, with a sliding ``window``, those too far before it) are masked
-    for every query in it, so their scores are never computed. About 8 blocks of at
-    least 128 queries: at length 512, 4 blocks compute 62% of the square."""
-    block = max(128, length // 8)
-    if length % block or length <= block:
-        return [(0, length, 0)]
-    return [
-        (start, start + block, max(0, start - window + 1) if window > 0 else 0)
-        for start in range(0, length, block)
-    ]
-
-
-def segments_and_positions(mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """For one unpacked sequence per row with a padding mask (True for real tokens):
-    segment id 1 for real tokens, 0 for padding, and positions counting real tokens
-    from 0 (so left- or right-padded rows get the positions they would have alone)."""
-    mask_BxL = mask_BxL.astype(jnp.int32)
-    positions_BxL = jnp.maximum(jnp.cumsum(mask_BxL, axis=1) - 1, 0) * mask_BxL
-    return mask_BxL, positions_BxL.astype(jnp.int32)
-
-
-def cache_slots(
-    cache: dict[str, jax.Array],
-    segment_ids_BxT: jax.Array,
-    positions_BxT: jax.Array,
-    window: int = 0,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes T new tokens' segment ids and positions into a decoding cache's slots
-    ``[index, index + T)``; returns every slot's (segment ids, positions) and the causal
-    mask of the new tokens over the slots (padding and other documents never visible)."""
-    index = cache["index"]
-    seg_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxT, (0, index))
-    pos_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxT, (0, index))
-    mask_BxTxS = attention_mask(
-        segment_ids_BxT, causal=True, key_segment_ids_BxS=seg_BxS,
-        positions_BxL=positions_BxT, key_positions_BxS=pos_BxS, window=window,
-    )  # fmt: skip
-    return seg_BxS, pos_BxS, mask_BxTxS
-
-
 def alibi_slopes(num_heads: int) -> jax.Array:
     """Press et al.: 2^(-8k/n) for k = 1..n; for n not a power of two, the slopes of the
     next lower power of two followed by every other slope of the next higher one."""
@@ -351,217 +156,6 @@ def alibi_bias(num_heads: int, positions_BxL: jax.Array, key_positions_BxS: jax.
     distance_BxLxS = jnp.abs(positions_BxL[:, :, None] - key_positions_BxS[:, None, :])
     slopes_H = alibi_slopes(num_heads)
     return -slopes_H[None, :, None, None] * distance_BxLxS[:, None].astype(jnp.float32)
-
-
-def dot_product_attention(
-    q_BxLxHxDh: jax.Array,
-    k_BxSxKxDh: jax.Array,
-    v_BxSxKxDh: jax.Array,
-    mask_BxLxS: jax.Array | SegmentMask,
-    bias_BxHxLxS: jax.Array | None,
-    *,
-    implementation: str,
-    scale: float,
-    return_probs: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Softmax(q k^T * scale + bias, masked) v with grouped KV heads.
-
-    ``einsum`` is the reference: plain XLA ops, float32 logits; causal self-attention
-    (a causal :class:`SegmentMask`) runs in query blocks that skip the keys masked for a
-    whole block (:func:`causal_blocks`), the same numbers with less work. ``dot_product`` calls
-    ``jax.nn.dot_product_attention`` with cuDNN's fused kernel where it runs
-    (:func:`sdpa_backend`) and XLA's elsewhere. ``return_probs`` (introspection) also returns the
-    float32 probabilities ``[B, H, L, S]``, which only the einsum path materialises.
-    ``splash`` runs the Pallas splash kernel (TPU; jaxformer/model/splash_attention.py)
-    on a :class:`SegmentMask`. A :class:`SegmentMask` whose length the active mesh splits
-    runs ring attention (jaxformer.parallel.ring_attention) instead.
-    """
-    blocks = None  # causal self-attention: the query blocks of causal_blocks
-    if isinstance(mask_BxLxS, SegmentMask):
-        if not return_probs and sequence_sharded(q_BxLxHxDh.shape[1]):
-            return ring_attention(
-                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS.segment_ids_BxL,
-                mask_BxLxS.positions_BxL, bias_BxHxLxS, causal=mask_BxLxS.causal,
-                window=mask_BxLxS.window, scale=scale,
-            )  # fmt: skip
-        if implementation == "splash" and not return_probs:
-            return splash_attention(
-                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS.segment_ids_BxL, bias_BxHxLxS,
-                causal=mask_BxLxS.causal, window=mask_BxLxS.window, scale=scale,
-            )  # fmt: skip
-        if mask_BxLxS.causal and q_BxLxHxDh.shape[1] == k_BxSxKxDh.shape[1]:
-            blocks = causal_blocks(q_BxLxHxDh.shape[1], mask_BxLxS.window)
-            plain_causal = mask_BxLxS.window == 0 and bias_BxHxLxS is None and not return_probs
-            fused = implementation == "dot_product" and _skip_mask_when_unpacked(q_BxLxHxDh)
-            if fused and plain_causal:
-                return _causal_attention_unmasked_when_unpacked(
-                    q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, scale
-                )
-        mask_BxLxS = mask_BxLxS.dense()
-    h, kv = q_BxLxHxDh.shape[2], k_BxSxKxDh.shape[2]
-    if implementation == "dot_product" and not return_probs:
-        return _jax_nn_attention(
-            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias_BxHxLxS, scale,
-            causal=blocks is not None,
-        )  # fmt: skip
-    # Each KV head repeated for its group of query heads: 4-D products, which XLA:CPU runs
-    # 1.5-1.8x faster forward + backward than grouping the queries as [B, L, K, G, Dh].
-    k_BxSxHxDh = jnp.repeat(k_BxSxKxDh, h // kv, axis=2) if kv < h else k_BxSxKxDh
-    v_BxSxHxDh = jnp.repeat(v_BxSxKxDh, h // kv, axis=2) if kv < h else v_BxSxKxDh
-    if blocks is None or return_probs or len(blocks) == 1:
-        return _softmax_attention(
-            q_BxLxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxLxS, bias_BxHxLxS, scale, return_probs
-        )
-    return _causal_blocks_attention(
-        q_BxLxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxLxS, bias_BxHxLxS, scale, tuple(blocks)
-    )
-
-
-@functools.partial(
-    jax.checkpoint,
-    policy=jax.checkpoint_policies.save_only_these_names("attention_probs"),
-    static_argnums=(5, 6),
-)
-def _causal_blocks_attention(
-    q_BxLxHxDh: jax.Array,
-    k_BxSxHxDh: jax.Array,
-    v_BxSxHxDh: jax.Array,
-    mask_BxLxS: jax.Array,
-    bias_BxHxLxS: jax.Array | None,
-    scale: float,
-    blocks: tuple[tuple[int, int, int], ...],
-) -> jax.Array:
-    """Causal self-attention over the query ``blocks`` of :func:`causal_blocks`.
-
-    A checkpoint that keeps the blocks' probabilities and its whole inputs for the
-    backward pass: left to autodiff, every block kept its own slice of k and v (2.5x
-    their size at 4 blocks), which the layer scan then copied into its stacks.
-    """
-    outs = []
-    for start, end, key_start in blocks:
-        bias = None if bias_BxHxLxS is None else bias_BxHxLxS[..., start:end, key_start:end]
-        outs.append(
-            _softmax_attention(
-                q_BxLxHxDh[:, start:end],
-                k_BxSxHxDh[:, key_start:end],
-                v_BxSxHxDh[:, key_start:end],
-                mask_BxLxS[:, start:end, key_start:end],
-                bias,
-                scale,
-                return_probs=False,
-            )  # fmt: skip
-        )
-    return jnp.concatenate(outs, axis=1)
-
-
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def sdpa_backend(platform: str, dtype: Any, head_dim: int) -> str:
-    """The ``implementation`` of ``jax.nn.dot_product_attention`` to ask for.
-
-    jax picks XLA's unfused attention when none is named (``implementation=None``), even
-    on GPUs, so the fused cuDNN kernel has to be requested: on a GPU, for bf16/fp16 inputs
-    and head dims cuDNN's flash kernel takes (a multiple of 8, at most 128).
-    """
-    fits = jnp.dtype(dtype) in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if platform == "gpu" and fits else "xla"
-
-
-def attention_implementation(
-    name: str, dtype: Any, head_dim: int, *, causal_self: bool, platform: str | None = None
-) -> str:
-    """``model.attention_impl`` resolved: ``auto`` is ``dot_product`` for causal
-    self-attention without a logit bias (decoder LMs: the case measured on GPUs) where
-    cuDNN's fused kernel runs (:func:`sdpa_backend`: GPUs, bf16/fp16, head dims it takes),
-    and the ``einsum`` reference elsewhere (CPUs, float32, TPUs, where ``splash`` is asked
-    for by name; encoders, cross-attention, ALiBi and T5 biases); other names are kept."""
-    if name != "auto":
-        return name
-    platform = platform or jax.default_backend()
-    fused = causal_self and sdpa_backend(platform, dtype, head_dim) == "cudnn"
-    return "dot_product" if fused else "einsum"
-
-
-def _skip_mask_when_unpacked(q_BxLxHxDh: jax.Array) -> bool:
-    """Whether causal self-attention checks, per step, for rows without packing and then
-    runs cuDNN with no mask. jax hands cuDNN a mask as a dense [B, 1, L, L] bias, made in
-    every layer and read for every head: on an H100, llama_1b's attention ran at about
-    200 TFLOP/s with it (docs/performance.md)."""
-    dtype, head_dim = q_BxLxHxDh.dtype, q_BxLxHxDh.shape[-1]
-    return sdpa_backend(jax.default_backend(), dtype, head_dim) == "cudnn"
-
-
-def _causal_attention_unmasked_when_unpacked(
-    q_BxLxHxDh: jax.Array,
-    k_BxSxKxDh: jax.Array,
-    v_BxSxKxDh: jax.Array,
-    mask: SegmentMask,
-    scale: float,
-) -> jax.Array:
-    """Causal self-attention that passes the segment mask only when some row holds more
-    than one document or padding (a runtime branch, both sides compiled); the rest is
-    ``is_causal`` alone, the same function."""
-    return jax.lax.cond(
-        mask.one_document_per_row(),
-        lambda q, k, v, _: _jax_nn_attention(q, k, v, None, None, scale, causal=True),
-        lambda q, k, v, m: _jax_nn_attention(q, k, v, m, None, scale, causal=True),
-        q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask.dense(),
-    )  # fmt: skip
-
-
-def _jax_nn_attention(
-    q_BxLxHxDh: jax.Array,
-    k_BxSxKxDh: jax.Array,
-    v_BxSxKxDh: jax.Array,
-    mask_BxLxS: jax.Array | None,
-    bias_BxHxLxS: jax.Array | None,
-    scale: float,
-    *,
-    causal: bool,
-) -> jax.Array:
-    """``jax.nn.dot_product_attention`` on the backend :func:`sdpa_backend` picks. The
-    mask (segments, window, causality) goes in whole; ``causal`` also lets cuDNN skip the
-    blocks above the diagonal. If cuDNN refuses the call, XLA's implementation runs it."""
-    args = (q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh)
-    kwargs = dict(
-        bias=None if bias_BxHxLxS is None else bias_BxHxLxS.astype(q_BxLxHxDh.dtype),
-        mask=None if mask_BxLxS is None else mask_BxLxS[:, None],
-        scale=scale,
-    )
-    backend = sdpa_backend(jax.default_backend(), q_BxLxHxDh.dtype, q_BxLxHxDh.shape[-1])
-    if backend == "cudnn":
-        try:
-            return jax.nn.dot_product_attention(
-                *args, **kwargs, is_causal=causal, implementation="cudnn"
-            )
-        except (ValueError, NotImplementedError, RuntimeError) as e:  # version, layout
-            logging.getLogger("jaxformer").warning("cuDNN attention refused (%s); using XLA", e)
-    return jax.nn.dot_product_attention(*args, **kwargs, is_causal=causal, implementation="xla")
-
-
-def _softmax_attention(
-    q_BxLxHxDh: jax.Array,
-    k_BxSxHxDh: jax.Array,
-    v_BxSxHxDh: jax.Array,
-    mask_BxLxS: jax.Array,
-    bias_BxHxLxS: jax.Array | None,
-    scale: float,
-    return_probs: bool,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """The einsum reference: float32 scores and softmax, every head its own K and V."""
-    att_BxHxLxS = (
-        jnp.einsum("blhd,bshd->bhls", q_BxLxHxDh, k_BxSxHxDh, preferred_element_type=jnp.float32)
-        * scale
-    )
-    if bias_BxHxLxS is not None:
-        att_BxHxLxS += bias_BxHxLxS
-    att_BxHxLxS = jnp.where(mask_BxLxS[:, None], att_BxHxLxS, -1e30)
-    probs_BxHxLxS = checkpoint_name(jax.nn.softmax(att_BxHxLxS, axis=-1), "attention_probs")
-    out_BxLxHxDh = jnp.einsum("bhls,bshd->blhd", probs_BxHxLxS.astype(v_BxSxHxDh.dtype), v_BxSxHxDh)
-    if return_probs:
-        return out_BxLxHxDh, probs_BxHxLxS
-    return out_BxLxHxDh
 
 
 class Attention(nnx.Module):
@@ -617,14 +211,9 @@ class Attention(nnx.Module):
         if cfg.position == "alibi" and positions is not None:
             alibi = alibi_bias(cfg.num_heads, *positions)
             bias_BxHxLxS = alibi if bias_BxHxLxS is None else bias_BxHxLxS + alibi
-        causal_self = isinstance(mask_BxLxS, SegmentMask) and mask_BxLxS.causal
-        implementation = attention_implementation(
-            cfg.attention_impl, cfg.dtype, cfg.head_dim,
-            causal_self=causal_self and bias_BxHxLxS is None,
-        )  # fmt: skip
-        out = dot_product_attention(
+        out = cfg.attention(
             q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias_BxHxLxS,
-            implementation=implementation, scale=self.scale, return_probs=return_probs,
+            scale=self.scale, return_probs=return_probs,
         )  # fmt: skip
         out_BxLxHxDh, probs_BxHxLxS = out if return_probs else (out, None)
         out_BxLxHxDh = constrain(out_BxLxHxDh, ("batch", "length", "act_heads", None))
@@ -804,7 +393,7 @@ class TokenEmbeddings:
         x_BxLxD = dropout(x_BxLxD, cfg.dropout, key)
         return constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
-    def _output_logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    def output_logits(self, x_BxLxD: jax.Array) -> jax.Array:
         """Float32 logits from the tied table or the separate head."""
         if self.lm_head is not None:
             logits_BxLxV = self.lm_head(x_BxLxD).astype(jnp.float32)

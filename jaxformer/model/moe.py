@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.model.layers import GATED, Dense, mlp_activation, param
-from jaxformer.parallel import constrain
+from jaxformer.parallel.sharding import constrain
 
 AUX_KEYS = ("aux_loss", "z_loss", "dropped_fraction")
 

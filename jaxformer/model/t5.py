@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.model.decoder import ModelConfig
+from jaxformer.model.config import ModelConfig
 from jaxformer.model.encoder_decoder import EncoderDecoder
 from jaxformer.model.layers import Norm, dropout, param
 
@@ -102,4 +102,4 @@ class T5(EncoderDecoder):
     def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
         if self.cfg.tie_embeddings:  # T5 1.0: rescale before the tied projection (Mesh TF)
             x_BxLxD = x_BxLxD * self.cfg.d_model**-0.5
-        return self._output_logits(x_BxLxD)
+        return self.output_logits(x_BxLxD)

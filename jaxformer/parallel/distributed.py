@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxformer.config import ConfigError
+from jaxformer.errors import ConfigError
 
 log = logging.getLogger("jaxformer")
 

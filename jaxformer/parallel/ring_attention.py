@@ -8,14 +8,16 @@ or a mask bigger than one block pair. Each block's mask is built on the spot fro
 segment ids and positions that travel with its keys, and the blocks are combined by an
 online (flash-style) softmax in float32, so the result equals one device's attention.
 
-The model never calls this directly: ``dot_product_attention`` dispatches here when it is
-given a ``SegmentMask`` and :func:`sequence_sharded` says the active rules split the length.
+The model never calls this: the attention backend that ``jaxformer.attention.registry``
+selects for a sequence-parallel mesh does, for self-attention over a ``SegmentMask``
+whose length :func:`sequence_sharded` says the active rules split.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,10 @@ from jaxformer.parallel.sharding import (
     Rules,
     logical_to_spec,
 )
+
+# (query segment ids, causal, *, key_segment_ids_BxS, positions_BxL, key_positions_BxS,
+# window) -> [B, L, S] bool: the mask of one query block against one key block.
+MaskFn = Callable[..., jax.Array]
 
 NEG_INF = -1e30  # the reference's masked logit: finite, so fully masked rows stay finite
 
@@ -55,6 +61,7 @@ def ring_attention(
     causal: bool,
     window: int = 0,
     scale: float,
+    block_mask: MaskFn,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
 ) -> jax.Array:
@@ -65,9 +72,11 @@ def ring_attention(
     ``bias_BxHxLxL`` (an additive logit bias such as ALiBi's; batch dimension 1 or B)
     is split by query rows like the queries and sliced per key block; it costs
     O(H L^2 / n) memory per device, which the masks built from positions avoid.
-    ``mesh``/``rules`` default to the active ones (``parallel.activate``). Query rows with
-    no key to attend to (padding) get a finite output that differs from the reference's;
-    nothing reads them.
+    ``block_mask`` is the mask rule (``jaxformer.attention.masks.attention_mask``'s
+    signature), applied to each pair of blocks with the ids and positions that travel
+    with the keys. ``mesh``/``rules`` default to the active ones (``parallel.activate``).
+    Query rows with no key to attend to (padding) get a finite output that differs from
+    the reference's; nothing reads them.
     """
     active = _ACTIVE.get()
     if mesh is None:
@@ -108,8 +117,9 @@ def ring_attention(
     names = (axis,) if isinstance(axis, str) else tuple(axis)
     n = math.prod(mesh.shape[a] for a in names)
     block = functools.partial(
-        _ring_block, axis=axis, n=n, causal=causal, window=window, scale=scale
-    )
+        _ring_block, axis=axis, n=n, causal=causal, window=window, scale=scale,
+        block_mask=block_mask,
+    )  # fmt: skip
     return jax.shard_map(
         block,
         mesh=mesh,
@@ -131,11 +141,10 @@ def _ring_block(
     causal: bool,
     window: int,
     scale: float,
+    block_mask: MaskFn,
 ) -> jax.Array:
     """One device's share (C = L / n of each row): its queries against every K/V block,
     the blocks arriving one hop at a time from the previous device of the ring."""
-    from jaxformer.model.layers import attention_mask  # the model imports this package
-
     b, c, h, dh = q_BxCxHxDh.shape
     kv = k_BxCxKxDh.shape[2]
     g = h // kv
@@ -171,7 +180,7 @@ def _ring_block(
     attend = jax.checkpoint(attend)
 
     def mask_of(kv_block: tuple) -> jax.Array:
-        return attention_mask(
+        return block_mask(
             segment_ids_BxC, causal, key_segment_ids_BxS=kv_block[2],
             positions_BxL=positions_BxC, key_positions_BxS=kv_block[3], window=window,
         )  # fmt: skip

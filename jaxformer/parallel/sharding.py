@@ -14,7 +14,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = str | tuple[str, ...] | None
@@ -52,46 +51,6 @@ DEFAULT_RULES: Rules = {
     "act_vocab": "tensor",
 }
 
-MESH_AXES = ("stage", "data", "fsdp", "expert", "sequence", "tensor")
-
-
-def make_mesh(
-    shape: Mapping[str, int],
-    devices: Sequence[jax.Device] | None = None,
-    *,
-    dcn: Mapping[str, int] | None = None,
-) -> Mesh:
-    """A mesh with axes ``MESH_AXES`` (an axis ``shape`` omits has size 1); ``shape`` must
-    already cover the devices.
-
-    ``dcn`` (sizes per axis, dividing ``shape``) spreads those axes over slices, or over
-    processes where devices have no slices: each DCN group (a slice or a process) holds a
-    contiguous block of every axis, so only the DCN axes' collectives cross the slow network.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = tuple(int(shape.get(axis, 1)) for axis in MESH_AXES)  # absent axes: size 1
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh {dict(shape)} needs {math.prod(sizes)} devices, have {len(devices)}"
-        )
-    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    dcn_sizes = tuple(int((dcn or {}).get(axis, 1)) for axis in MESH_AXES)
-    if math.prod(dcn_sizes) > 1:
-        from jax.experimental import mesh_utils
-
-        if any(size % d for size, d in zip(sizes, dcn_sizes, strict=True)):
-            raise ValueError(f"DCN sizes {dict(dcn or {})} do not divide mesh {dict(shape)}")
-        ici_sizes = tuple(size // d for size, d in zip(sizes, dcn_sizes, strict=True))
-        slices = {getattr(d, "slice_index", 0) for d in devices}
-        grid = mesh_utils.create_hybrid_device_mesh(
-            ici_sizes, dcn_sizes, devices, process_is_granule=len(slices) == 1
-        )
-        return Mesh(grid, MESH_AXES, axis_types=auto)
-    if devices == list(jax.devices()):
-        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
-
-
 def logical_to_spec(
     logical: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh, rules: Rules
 ) -> PartitionSpec:
@@ -117,17 +76,14 @@ def logical_to_spec(
         out.append(axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
 
-
 def logical_to_sharding(
     logical: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh, rules: Rules
 ) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
 
-
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     "jaxformer_sharding", default=None
 )
-
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
@@ -138,7 +94,6 @@ def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
     finally:
         _ACTIVE.reset(token)
 
-
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's layout by logical axis names; a no-op without a mesh."""
     active = _ACTIVE.get()
@@ -147,11 +102,9 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, logical_to_sharding(logical, x.shape, mesh, rules))
 
-
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
     """Layout of an input batch: the leading axis over the data-like mesh axes."""
     return logical_to_sharding(("batch",) + (None,) * (ndim - 1), None, mesh, rules)
-
 
 def batch_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
     """The data-like mesh axes, those the ``batch`` rule splits the batch over: what the
@@ -159,17 +112,14 @@ def batch_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
     axes = rules.get("batch")
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
-
 def batch_shards(mesh_shape: Mapping[str, int], rules: Rules = DEFAULT_RULES) -> int:
     """How many ways the batch is split: the product of the data-like axes' sizes."""
     return math.prod(int(mesh_shape.get(axis, 1)) for axis in batch_axes(rules))
-
 
 def _is_variable(x: object) -> bool:
     from flax import nnx
 
     return isinstance(x, nnx.Variable)
-
 
 def tree_shardings(tree: object, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> object:
     """NamedShardings for a pytree of NNX variables (params, optimizer moments) and arrays.

@@ -21,10 +21,10 @@ from typing import Any
 
 import ml_collections
 
-from jaxformer import flops
 from jaxformer.config import ConfigError
-from jaxformer.scaling.plan import load_plan
 from jaxformer.scaling.runner import run_dir, status
+from jaxformer.scaling.sweep_plan import load_sweep_plan
+from jaxformer.tasks import count_flops
 
 COLUMNS = (
     "name",
@@ -76,7 +76,7 @@ def summarize(directory: Path, smooth_fraction: float = 0.1) -> dict[str, Any] |
     evals, trains = _last_by_step(records, "eval"), _last_by_step(records, "train")
     if steps not in evals:
         return None
-    count = flops.count(cfg.model, cfg.data.seq_len)
+    count = count_flops(cfg.model, cfg.data.seq_len)
     tokens = steps * cfg.train.global_batch * cfg.data.seq_len
     start = steps * (1 - smooth_fraction)
 
@@ -108,7 +108,7 @@ def collect(plan_dir: str | Path, smooth_fraction: float = 0.1) -> tuple[list[di
     """Rows of the finished runs and the names of the others."""
     if not 0 < smooth_fraction <= 1:
         raise ConfigError(f"--smooth_fraction must be in (0, 1], got {smooth_fraction}")
-    plan = load_plan(plan_dir)
+    plan = load_sweep_plan(plan_dir)
     rows, missing = [], []
     for run in plan.runs:
         row = summarize(run_dir(plan_dir, run), smooth_fraction)

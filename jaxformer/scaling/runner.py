@@ -26,8 +26,8 @@ from types import FrameType
 from typing import IO
 
 from jaxformer.config import ConfigError
-from jaxformer.scaling.plan import Plan, PlannedRun, load_plan
 from jaxformer.scaling.spec import resolve_config_path
+from jaxformer.scaling.sweep_plan import PlannedRun, SweepPlan, load_sweep_plan
 
 log = logging.getLogger("jaxformer")
 
@@ -55,7 +55,7 @@ def status(plan_dir: str | Path, run: PlannedRun) -> str:
     return "partial" if steps else "new"
 
 
-def train_command(plan: Plan, plan_dir: str | Path, run: PlannedRun) -> list[str]:
+def train_command(plan: SweepPlan, plan_dir: str | Path, run: PlannedRun) -> list[str]:
     """The ``jaxformer train`` command line of one run (the same Python as this process)."""
     base = resolve_config_path(plan.base_config)
     return [
@@ -69,7 +69,9 @@ def train_command(plan: Plan, plan_dir: str | Path, run: PlannedRun) -> list[str
     ]
 
 
-def select(plan: Plan, index: int | None = None, names: Sequence[str] = ()) -> list[PlannedRun]:
+def select(
+    plan: SweepPlan, index: int | None = None, names: Sequence[str] = ()
+) -> list[PlannedRun]:
     """The runs an array task (``index``) or a user (``names``) asks for; all by default."""
     if index is not None:
         if not 0 <= index < len(plan.runs):
@@ -129,7 +131,7 @@ def run_plan(
     """
     if parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {parallel}")
-    plan = load_plan(plan_dir)
+    plan = load_sweep_plan(plan_dir)
     outcome = Outcome()
     queue: list[PlannedRun] = []
     for run in select(plan, index, names):
@@ -227,7 +229,7 @@ def _k8s_name(name: str) -> str:
 
 def emit_slurm(plan_dir: str | Path, parallel: int) -> Path:
     """Writes PLAN/sweep.sbatch: a SLURM job array, one task per run, ``parallel`` at once."""
-    plan = load_plan(plan_dir)
+    plan = load_sweep_plan(plan_dir)
     where = Path(plan_dir).absolute()
     n = len(plan.runs)
     names = "\n".join(f"#   {i:>3}  {r.name}" for i, r in enumerate(plan.runs))
@@ -288,7 +290,7 @@ exit "$status"
 
 def emit_k8s(plan_dir: str | Path, parallel: int, pod_plan_dir: str = "") -> Path:
     """Writes PLAN/sweep-k8s.yaml: an Indexed Job, one completion index per run."""
-    plan = load_plan(plan_dir)
+    plan = load_sweep_plan(plan_dir)
     where = Path(plan_dir).absolute()
     pod_dir = pod_plan_dir or f"/runs/sweeps/{where.name}"
     if not pod_dir.startswith("/") or len(Path(pod_dir).parts) < 3:

@@ -18,8 +18,8 @@ from typing import Any
 
 import ml_collections
 
-from jaxformer import flops
 from jaxformer.config import ConfigError
+from jaxformer.tasks import count_flops
 
 COUNTS = ("non_embedding", "total")
 
@@ -124,7 +124,7 @@ def make_shape(
     if m.num_kv_heads and m.num_heads % m.num_kv_heads:
         m.num_kv_heads = 0  # a fixed GQA group count that does not divide falls back to MHA
     m.d_ff = _round_up(rule.ffn_ratio * d_model, rule.ffn_multiple)
-    c = flops.count(m, seq_len)
+    c = count_flops(m, seq_len)
     return Shape(
         num_layers,
         d_model,

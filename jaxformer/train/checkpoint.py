@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxformer.train.errors import CheckpointError
+from jaxformer.errors import CheckpointError
 
 log = logging.getLogger("jaxformer")
 
@@ -104,6 +104,21 @@ class Checkpointer:
         )
         return Restored(step, restored["state"], restored["data"] or {}, restored["meta"] or {})
 
+    def restore_params(self, step: int, abstract_params: Any) -> Restored:
+        """Only the parameters of ``step``'s state, onto the shardings in
+        ``abstract_params``: the optimizer state is neither read nor allocated (eval,
+        generate). ``Restored.state`` holds the parameters."""
+        item = {"params": abstract_params}
+        restored = ocp.PyTreeCheckpointer().restore(
+            self.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            ),
+        )
+        return Restored(step, restored["params"], {}, {})
+
     def read_meta(self, step: int) -> dict:
         """The ``meta`` item of ``step`` (empty for a checkpoint written without one)."""
         path = self.directory / str(step) / "meta"
@@ -119,9 +134,14 @@ class Checkpointer:
         return self.manager.item_metadata(step)["state"].tree
 
     def restore_latest(
-        self, abstract_state: Any, check: Callable[[int], None] | None = None
+        self,
+        abstract_state: Any,
+        check: Callable[[int], None] | None = None,
+        *,
+        params_only: bool = False,
     ) -> Restored | None:
-        """Restores the newest checkpoint that restores, moving damaged ones aside.
+        """Restores the newest checkpoint that restores, moving damaged ones aside; with
+        ``params_only``, ``abstract_state`` is the parameters alone (:meth:`restore_params`).
 
         ``check(step)`` runs first for each candidate and may raise (a config that does
         not fit the checkpoint); its errors propagate, since an older checkpoint of the
@@ -133,7 +153,8 @@ class Checkpointer:
                 check(step)
             error: Exception | None = None
             try:
-                restored = self.restore(step, abstract_state)
+                read = self.restore_params if params_only else self.restore
+                restored = read(step, abstract_state)
             except Exception as err:  # noqa: BLE001 - any failure to read means damage
                 error = err
             if _all_processes_agree(error is None):

@@ -19,21 +19,20 @@ from jax.sharding import Mesh
 
 import jaxformer
 from jaxformer import data as jdata
-from jaxformer import flops, hardware, parallel
-from jaxformer.config import ConfigError, resolve_mesh, validate
+from jaxformer import hardware, parallel
+from jaxformer.errors import BadSteps, ConfigError, Preempted
 from jaxformer.parallel import distributed
+from jaxformer.tasks import task_for
 from jaxformer.train.checkpoint import Checkpointer, abstract_like, check_resume, run_meta
-from jaxformer.train.errors import BadSteps, Preempted
 from jaxformer.train.goodput import BUCKETS, Goodput
 from jaxformer.train.init_from import load_params
 from jaxformer.train.logs import RunLogger
-from jaxformer.train.optim import make_optimizer
 from jaxformer.train.preemption import PreemptionWatcher
-from jaxformer.train.step import TrainState, head_metrics, init_state, jit_steps
+from jaxformer.train.setup import build, restore_params
+from jaxformer.train.step import TrainState, head_metrics, jit_eval, jit_steps
+from jaxformer.train.validation import validate
 
 log = logging.getLogger("jaxformer")
-
-T5_SENTINELS = 100
 
 
 @dataclass
@@ -57,39 +56,8 @@ class Run:
 
 
 def _dataset(cfg: ml_collections.ConfigDict, split: str, repeat: bool) -> Any:
-    """This process's batches of ``split``: packed documents, or packed pairs for seq2seq."""
-    hosts = dict(
-        global_batch=cfg.train.global_batch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        seed=cfg.data.shuffle_seed,
-        repeat=repeat,
-    )
-    if cfg.model.family == "t5":
-        # Sentinels count down from the last id, as T5's <extra_id_0> = 32099 of 32128 does.
-        return jdata.make_span_corruption_dataset(
-            cfg.data, split=split, source_len=cfg.data.source_seq_len or cfg.data.seq_len,
-            target_len=cfg.data.seq_len, first_sentinel_id=cfg.model.vocab_size - 1, **hosts,
-        )  # fmt: skip
-    if cfg.model.family == "encoder_decoder":
-        return jdata.make_seq2seq_dataset(
-            cfg.data, split=split, source_len=cfg.data.source_seq_len or cfg.data.seq_len,
-            target_len=cfg.data.seq_len, **hosts,
-        )  # fmt: skip
-    if cfg.model.num_labels > 0:  # BERT fine-tuning: one labelled example per row
-        return jdata.make_classification_dataset(
-            cfg.data, split=split, seq_len=cfg.data.seq_len, num_labels=cfg.model.num_labels,
-            **hosts,
-        )  # fmt: skip
-    # BERT's [MASK] is the first id after the tokenizer's vocabulary.
-    mask_id = jdata.build_tokenizer(cfg.data).vocab_size if cfg.model.family == "bert" else None
-    if cfg.data.nsp:  # BERT pre-training on sentence pairs: masked LM + next-sentence
-        return jdata.make_nsp_dataset(
-            cfg.data, split=split, seq_len=cfg.data.seq_len, mask_id=mask_id, **hosts
-        )
-    return jdata.make_dataset(
-        cfg.data, split=split, seq_len=cfg.data.seq_len, mlm_mask_id=mask_id, **hosts
-    )
+    """This process's batches of ``split``, as the config's family builds them."""
+    return task_for(cfg).dataset(cfg, split, repeat)
 
 
 def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:
@@ -111,30 +79,27 @@ def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:
 
 def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None = None) -> Run:
     """Validates the config, builds the mesh and the state, and restores the latest checkpoint."""
-    rules = parallel.DEFAULT_RULES if rules is None else rules
     distributed.initialize(cfg)  # before any other JAX use: a no-op for one process
-    mesh_shape = validate(cfg, jax.device_count(), jax.process_count(), distributed.num_slices())
-    _, dcn_shape = resolve_mesh(cfg.mesh, jax.device_count())
+    validate(cfg, jax.device_count(), jax.process_count(), distributed.num_slices())
+    task = task_for(cfg)
     tokenizer = jdata.build_tokenizer(cfg.data)
     # BERT's [MASK] and T5's 100 sentinels take the ids after the tokenizer's vocabulary.
-    extra = {"bert": (1, " plus [MASK]"), "t5": (T5_SENTINELS, " plus 100 sentinels")}
-    count, what = extra.get(cfg.model.family, (0, ""))
-    if tokenizer.vocab_size + count > cfg.model.vocab_size:
+    if tokenizer.vocab_size + task.reserved_ids > cfg.model.vocab_size:
         raise ConfigError(
             f"config key 'model.vocab_size' ({cfg.model.vocab_size}) is smaller than the "
-            f"tokenizer's vocabulary ({tokenizer.vocab_size}{what})"
+            f"tokenizer's vocabulary ({tokenizer.vocab_size}{task.reserved_what})"
         )
     # Open the data before compiling anything, so a missing dataset fails fast.
     train_data = _dataset(cfg, cfg.data.train_split, repeat=True)
     _dataset(cfg, cfg.data.eval_split, repeat=False)
-    mesh = parallel.make_mesh(mesh_shape, dcn=dcn_shape)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_directory(run_dir)
 
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
-    graphdef, state, shardings = init_state(cfg, tx, mesh, rules)
-    train_step, eval_step = jit_steps(cfg, graphdef, tx, mesh, rules, shardings)
+    built = build(cfg, rules=rules)
+    mesh, mesh_shape, dcn_shape = built.mesh, built.mesh_shape, built.dcn_shape
+    graphdef, state, shardings = built.graphdef, built.state, built.shardings
+    train_step, eval_step = jit_steps(cfg, graphdef, built.tx, mesh, built.rules, shardings)
     checkpointer = Checkpointer(
         run_dir / "checkpoints",
         keep=cfg.train.keep_checkpoints,
@@ -185,11 +150,27 @@ def _global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arr
 
 
 def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None = None) -> dict:
-    """Held-out loss, perplexity, accuracy, (byte tokenizer) bits per byte and, for an
-    encoder-decoder after step 0, BLEU (at step 0 every row would decode to the length cap
-    for a BLEU of 0)."""
-    cfg = run.cfg
+    """Held-out metrics of ``state`` (default: the run's): :func:`evaluate_params`."""
     state = run.state if state is None else state
+    return evaluate_params(
+        run.cfg, run.mesh, run.graphdef, run.eval_step, run.tokenizer, state.params,
+        int(state.step), max_batches,
+    )  # fmt: skip
+
+
+def evaluate_params(
+    cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+    graphdef: nnx.GraphDef,
+    eval_step: Any,
+    tokenizer: Any,
+    params: nnx.State,
+    step: int,
+    max_batches: int | None = None,
+) -> dict:
+    """Held-out loss, perplexity, accuracy, (byte tokenizer) bits per byte, and what the
+    family adds (an encoder-decoder's BLEU after step 0), over ``train.eval_batches``
+    batches (``max_batches`` 0: the whole split). ``eval_step`` is ``jit_eval``'s."""
     max_batches = cfg.train.eval_batches if max_batches is None else max_batches
     dataset = _dataset(cfg, cfg.data.eval_split, repeat=False)
     totals = {"weight": 0.0, "nll": 0.0, "correct": 0.0}
@@ -197,8 +178,8 @@ def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None 
     for i, local in enumerate(dataset):
         if max_batches and i >= max_batches:
             break
-        stats = run.eval_step(state, _global_batch(local, run.mesh))
-        target_bytes += jdata.count_target_bytes(local, run.tokenizer)
+        stats = eval_step(params, _global_batch(local, mesh))
+        target_bytes += jdata.count_target_bytes(local, tokenizer)
         for k, v in jax.device_get(stats).items():
             totals[k] = totals.get(k, 0.0) + float(v)  # also sentence-level heads (NSP)
     weight = max(totals["weight"], 1.0)
@@ -210,8 +191,9 @@ def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None 
         "tokens": totals["weight"],
     }
     out |= {k: float(v) for k, v in head_metrics(totals).items()}
-    if cfg.model.family == "encoder_decoder" and cfg.train.bleu_samples > 0 and int(state.step):
-        out["bleu"] = bleu(run, state, cfg.train.bleu_samples)
+    with parallel.activate(mesh):
+        model = nnx.merge(graphdef, params)
+        out |= task_for(cfg).extra_metrics(cfg, model, tokenizer, step)
     if jax.process_count() > 1:
         # Bytes are counted on each process's rows; the loss is over all rows.
         from jax.experimental import multihost_utils
@@ -220,38 +202,6 @@ def evaluate(run: Run, state: TrainState | None = None, max_batches: int | None 
     if target_bytes:
         out["bits_per_byte"] = totals["nll"] / math.log(2) / target_bytes
     return out
-
-
-def bleu(run: Run, state: TrainState, samples: int) -> float:
-    """Corpus BLEU of greedy translations (on the KV cache) of the first ``samples``
-    held-out sources."""
-    from jaxformer.decode import translate
-
-    cfg, tokenizer = run.cfg, run.tokenizer
-    source_len = cfg.data.source_seq_len or cfg.data.seq_len
-    pairs = jdata.load_pairs(
-        cfg.data, cfg.data.eval_split, max_chars=min(source_len, cfg.data.seq_len) - 1
-    )
-    pairs = [pairs[i] for i in range(min(samples, len(pairs)))]
-    model = nnx.merge(run.graphdef, state.params)
-    hypotheses = []
-    rows = cfg.train.global_batch
-    for start in range(0, len(pairs), rows):
-        chunk = pairs[start : start + rows]
-        ids = [np.append(tokenizer.encode(p["source"]), tokenizer.eos_id) for p in chunk]
-        ids += [ids[-1]] * (rows - len(ids))  # fill the last batch; extra rows are ignored
-        sources = np.zeros((rows, source_len), np.int32)
-        for i, row in enumerate(ids):
-            sources[i, : len(row)] = row
-        # Generous cap: this task's targets are as long as their sources.
-        steps = min(cfg.data.seq_len, max(len(r) for r in ids) + 8)
-        with parallel.activate(run.mesh):
-            out = translate(
-                model, sources, sources > 0, max_new_tokens=steps,
-                start_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-            )  # fmt: skip
-        hypotheses += jdata.decode_batch(np.asarray(out), tokenizer)[: len(chunk)]
-    return jdata.corpus_bleu(hypotheses, [p["target"] for p in pairs])
 
 
 def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -275,7 +225,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     )
     logger.info(f"jaxformer {jaxformer.__version__}: config\n{cfg}")
     logger.info(describe(cfg, dict(run.mesh.shape)))
-    count = flops.count(cfg.model, cfg.data.seq_len)
+    count = task_for(cfg).count_flops(cfg.model, cfg.data.seq_len)
     peak, peak_source = hardware.peak_flops(cfg.model.dtype)
     logger.info(
         f"{count.params:,} parameters ({count.non_embedding_params:,} non-embedding); "
@@ -371,6 +321,20 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         logger.close()
     run.state = state
     return last
+
+
+def evaluate_checkpoint(
+    cfg: ml_collections.ConfigDict, max_batches: int | None = None
+) -> tuple[int, dict]:
+    """``jaxformer eval``: the latest checkpoint's step and held-out metrics, restoring
+    its parameters only (no optimizer state) and writing nothing into the run."""
+    model, step, mesh = restore_params(cfg)
+    graphdef, params = nnx.split(model)
+    eval_step = jit_eval(cfg, graphdef, mesh, parallel.DEFAULT_RULES)
+    tokenizer = jdata.build_tokenizer(cfg.data)
+    return step, evaluate_params(
+        cfg, mesh, graphdef, eval_step, tokenizer, params, step, max_batches
+    )
 
 
 def _check_bad_steps(metrics: dict, step: int, limit: int, checkpointer: Checkpointer) -> None:

@@ -8,15 +8,16 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxformer import model as model_lib
 from jaxformer import parallel
-from jaxformer.parallel import pipeline
+from jaxformer.losses import cross_entropy
+from jaxformer.parallel import pipeline_parallel
+from jaxformer.tasks import Task, task_for
 from jaxformer.train import guard as guard_lib
-from jaxformer.train.loss import chunked_cross_entropy, cross_entropy
 from jaxformer.train.optim import make_schedule
 
 Batch = dict[str, jax.Array]
@@ -67,8 +68,13 @@ class TrainState(flax.struct.PyTreeNode):
     guard: guard_lib.Guard  # bad-step counters and loss statistics (train/guard.py)
 
 
-def build_model(cfg: Any, seed: int) -> nnx.Module:
-    return model_lib.build_model(cfg.model, seed)
+def build_model(cfg: Any, seed: int, mesh_shape: Any = None) -> nnx.Module:
+    """The config's model, through its task, with the attention backend chosen for the
+    mesh (ring attention in front only where ``mesh.sequence > 1``)."""
+    from jaxformer.tasks import build_model as build
+
+    sequence_parallel = True if mesh_shape is None else mesh_shape.get("sequence", 1) > 1
+    return build(cfg.model, seed, sequence_parallel=sequence_parallel)
 
 
 def init_state(
@@ -80,13 +86,14 @@ def init_state(
     Returns the model's graphdef, the state and the state's shardings.
     """
     graphdef, _, shardings = abstract_state(cfg, tx, mesh, rules)
-    state = jax.jit(functools.partial(_build_state, cfg, tx), out_shardings=shardings)()
+    build = functools.partial(_build_state, cfg, tx, dict(mesh.shape))
+    state = jax.jit(build, out_shardings=shardings)()
     return graphdef, state, shardings
 
 
-def _build_state(cfg: Any, tx: optax.GradientTransformation) -> TrainState:
+def _build_state(cfg: Any, tx: optax.GradientTransformation, mesh_shape: Any) -> TrainState:
     seed = cfg.train.seed
-    params = nnx.state(build_model(cfg, seed))
+    params = nnx.state(build_model(cfg, seed, mesh_shape))
     rng = jax.random.key_data(jax.random.key(seed + 1))
     return TrainState(
         jnp.zeros((), jnp.int32), params, tx.init(params), rng, guard_lib.init_guard()
@@ -101,8 +108,9 @@ def abstract_state(
 
     Returns the model's graphdef, the abstract state and the state's shardings.
     """
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed)))
-    shapes = jax.eval_shape(functools.partial(_build_state, cfg, tx))
+    mesh_shape = dict(mesh.shape)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed, mesh_shape)))
+    shapes = jax.eval_shape(functools.partial(_build_state, cfg, tx, mesh_shape))
     shardings = parallel.tree_shardings(shapes, mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
@@ -127,20 +135,20 @@ def _token_loss(
 
 
 def _loss_and_grads(
-    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None, cfg: Any
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch: Batch,
+    key: jax.Array | None,
+    cfg: Any,
+    task: Task | None = None,
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
+    """The summed loss of the task's token loss (default: the config's task),
+    sentence-level heads and MoE terms, and its gradients."""
+    task = task_for(cfg) if task is None else task
+
     def loss_fn(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
         model = nnx.merge(graphdef, p)
-        if cfg.train.loss_chunk:  # logits a chunk at a time, never whole (decoders)
-            hidden, aux = model.apply_batch(batch, key, return_hidden=True)
-            loss, stats = chunked_cross_entropy(
-                hidden, model._output_logits, batch["targets"], batch["weights"],
-                chunk=cfg.train.loss_chunk, label_smoothing=cfg.train.label_smoothing,
-                z_loss=cfg.train.z_loss,
-            )  # fmt: skip
-        else:
-            logits, aux = model.apply_batch(batch, key)
-            loss, stats = _token_loss(cfg, logits, batch)
+        loss, stats, aux = task.token_loss(model, batch, key, cfg.train)
         stats |= head_stats(aux, batch)
         for name in head_names(batch):
             # Each head's mean, given the batch's token weight: the step's one division by
@@ -178,19 +186,21 @@ def train_step(
     if cfg.model.dropout > 0:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     n = cfg.train.microbatches
-    if pipeline.stages() > 1:  # the pipeline runs the microbatches and computes gradients
-        (loss_sum, stats), grads = pipeline.loss_and_grads(
-            graphdef, state.params, _microbatched(batch, n), key, cfg,
+    task = task_for(cfg)
+    stages = pipeline_parallel.stages()
+    if stages > 1:  # the pipeline runs the microbatches and computes gradients
+        (loss_sum, stats), grads = pipeline_parallel.loss_and_grads(
+            stage_graphdef(cfg, stages), state.params, _microbatched(batch, n), key, cfg,
             functools.partial(_token_loss, cfg, in_pipeline=True),
         )  # fmt: skip
     elif n == 1:
-        (loss_sum, stats), grads = _loss_and_grads(graphdef, state.params, batch, key, cfg)
+        (loss_sum, stats), grads = _loss_and_grads(graphdef, state.params, batch, key, cfg, task)
     else:
 
         def accumulate(carry: Any, xs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
             mb, i = xs
             mb_key = None if key is None else jax.random.fold_in(key, i)
-            (loss, stats), grads = _loss_and_grads(graphdef, state.params, mb, mb_key, cfg)
+            (loss, stats), grads = _loss_and_grads(graphdef, state.params, mb, mb_key, cfg, task)
             return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -222,19 +232,47 @@ def train_step(
 
 
 def eval_step(
-    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int = 0
+    params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef, cfg: Any
 ) -> dict[str, jax.Array]:
     """Summed held-out statistics of one batch (no dropout, no smoothing)."""
-    model = nnx.merge(graphdef, state.params)
-    if loss_chunk:
-        hidden, aux = model.apply_batch(batch, return_hidden=True)
-        _, stats = chunked_cross_entropy(
-            hidden, model._output_logits, batch["targets"], batch["weights"], chunk=loss_chunk
-        )
-    else:
-        logits, aux = model.apply_batch(batch)
-        _, stats = cross_entropy(logits, batch["targets"], batch["weights"])
+    model = nnx.merge(graphdef, params)
+    stats, aux = task_for(cfg).eval_stats(model, batch, cfg.train)
     return stats | head_stats(aux, batch)
+
+
+def stage_graphdef(cfg: Any, stages: int) -> nnx.GraphDef:
+    """The graphdef of the model holding one pipeline stage's num_layers / stages layers:
+    merging a stage's slice of the stacked layers into it runs exactly those layers."""
+    stage_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    stage_cfg.model.num_layers = cfg.model.num_layers // stages
+    return nnx.graphdef(nnx.eval_shape(lambda: build_model(stage_cfg, 0, {"sequence": 1})))
+
+
+def _with_mesh(fn: Any, mesh: Mesh, rules: parallel.sharding.Rules) -> Any:
+    """``fn`` traced with the mesh active, so the model's logical constraints apply."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any) -> Any:
+        with parallel.activate(mesh, rules):
+            return fn(*args)
+
+    return wrapped
+
+
+def jit_eval(
+    cfg: Any,
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    rules: parallel.sharding.Rules,
+    param_shardings: Any = None,
+) -> Any:
+    """The eval step compiled for the mesh: ``(params, batch) -> summed statistics``;
+    ``param_shardings`` None takes the parameters' own (restored) shardings."""
+    data = parallel.batch_sharding(mesh, rules)
+    return jax.jit(
+        _with_mesh(functools.partial(eval_step, graphdef=graphdef, cfg=cfg), mesh, rules),
+        in_shardings=(param_shardings, data),
+    )
 
 
 def jit_steps(
@@ -247,23 +285,10 @@ def jit_steps(
 ) -> tuple[Any, Any]:
     """The train and eval steps compiled for the mesh; the train step donates its state."""
     data = parallel.batch_sharding(mesh, rules)
-
-    def with_mesh(fn: Any) -> Any:
-        @functools.wraps(fn)
-        def wrapped(*args: Any) -> Any:
-            with parallel.activate(mesh, rules):
-                return fn(*args)
-
-        return wrapped
-
     train = jax.jit(
-        with_mesh(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg)),
+        _with_mesh(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg), mesh, rules),
         in_shardings=(state_shardings, data),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
-    evaluate = jax.jit(
-        with_mesh(functools.partial(eval_step, graphdef=graphdef, loss_chunk=cfg.train.loss_chunk)),
-        in_shardings=(state_shardings, data),
-    )
-    return train, evaluate
+    return train, jit_eval(cfg, graphdef, mesh, rules, state_shardings.params)

@@ -27,9 +27,9 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from jaxformer.data import text_files
-from jaxformer.data.errors import DataError, MissingDataError
 from jaxformer.data.objectives import bert_mask
 from jaxformer.data.tokenizers import Tokenizer, build_tokenizer
+from jaxformer.errors import DataError, MissingDataError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 _MIN_SHUFFLE_WINDOW = 1024  # chunks

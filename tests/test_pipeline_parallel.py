@@ -10,11 +10,12 @@ import pytest
 from flax import nnx
 
 from jaxformer import parallel
-from jaxformer.config import ConfigError, validate
-from jaxformer.parallel import pipeline
-from jaxformer.train.loss import cross_entropy
+from jaxformer.config import ConfigError
+from jaxformer.losses import cross_entropy
+from jaxformer.parallel import pipeline_parallel
 from jaxformer.train.optim import make_optimizer
-from jaxformer.train.step import _microbatched, build_model, init_state, jit_steps
+from jaxformer.train.step import _microbatched, build_model, init_state, jit_steps, stage_graphdef
+from jaxformer.train.validation import validate
 
 RTOL = 1e-5
 ROWS, LENGTH, VOCAB = 8, 16, 128
@@ -108,7 +109,8 @@ def test_pipeline_matches_unpipelined(make_config, reference, stages, schedule, 
     def run(p, b):
         with parallel.activate(mesh):
             mbs = _microbatched(b, microbatches)
-            return pipeline.loss_and_grads(graphdef, p, mbs, None, cfg, _loss_fn)
+            stage = stage_graphdef(cfg, stages)  # one stage's layers
+            return pipeline_parallel.loss_and_grads(stage, p, mbs, None, cfg, _loss_fn)
 
     (loss_sum, stats), grads = _compiled(run, params, batch)
     assert float(stats["weight"]) == float(ref_stats["weight"])
@@ -167,4 +169,4 @@ def test_pipeline_rejects_other_families(make_config):
 
 @pytest.mark.parametrize("stages,microbatches,expected", [(2, 4, 0.2), (4, 8, 3 / 11)])
 def test_bubble_fraction(stages, microbatches, expected):
-    assert pipeline.bubble_fraction(stages, microbatches) == pytest.approx(expected)
+    assert pipeline_parallel.bubble_fraction(stages, microbatches) == pytest.approx(expected)

@@ -54,7 +54,7 @@ class PlannedRun:
 
 
 @dataclasses.dataclass
-class Plan:
+class SweepPlan:
     """A sweep's runs, with the spec and base config they came from."""
 
     name: str
@@ -74,7 +74,7 @@ class Plan:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str) -> SweepPlan:
         data = json.loads(text)
         runs = [PlannedRun(**r) for r in data["runs"]]
         return cls(data["name"], data["base_config"], data["spec"], runs)
@@ -86,11 +86,11 @@ class Plan:
         raise ConfigError(f"plan '{self.name}' has no run named '{name}'")
 
 
-def load_plan(plan_dir: str | Path) -> Plan:
+def load_sweep_plan(plan_dir: str | Path) -> SweepPlan:
     path = Path(plan_dir) / PLAN_FILE
     if not path.is_file():
         raise ConfigError(f"no {PLAN_FILE} in '{plan_dir}': run `jaxformer sweep plan` first")
-    return Plan.from_json(path.read_text())
+    return SweepPlan.from_json(path.read_text())
 
 
 def _si(x: float) -> str:
@@ -180,7 +180,7 @@ def _isoflop_sizes(budget: float, iso: ml_collections.ConfigDict) -> list[float]
     return [n_small * (n_large / n_small) ** (i / (k - 1)) for i in range(k)]
 
 
-def make_plan(spec: ml_collections.ConfigDict) -> Plan:
+def make_sweep_plan(spec: ml_collections.ConfigDict) -> SweepPlan:
     """Every run of a checked spec (:func:`jaxformer.scaling.spec.load_spec`)."""
     base_path = resolve_config_path(spec.base_config)
     shared = list(spec.overrides)
@@ -246,16 +246,16 @@ def make_plan(spec: ml_collections.ConfigDict) -> Plan:
             load_config(str(base_path), run.overrides)
         except ConfigError as err:
             raise ConfigError(f"run {run.name}: {err}") from err
-    return Plan(spec.name, spec.base_config, spec.to_dict(), runs)
+    return SweepPlan(spec.name, spec.base_config, spec.to_dict(), runs)
 
 
-def write_plan(plan: Plan, out_dir: str | Path) -> Path:
+def write_sweep_plan(plan: SweepPlan, out_dir: str | Path) -> Path:
     """Writes plan.json, plan.txt (the table) and, per run, configs/NAME.args (one override a
     line) and configs/NAME.json (the complete resolved config)."""
     out = Path(out_dir)
     existing = out / PLAN_FILE
     if existing.is_file():
-        old = load_plan(out)
+        old = load_sweep_plan(out)
         started = [r.name for r in old.runs if (out / "runs" / r.name).exists()]
         changed = [n for n in started if n not in {r.name for r in plan.runs}] or [
             r.name for r in plan.runs if r.name in started and _differs(old.run(r.name), r)
@@ -280,7 +280,7 @@ def _differs(a: PlannedRun, b: PlannedRun) -> bool:
     return a.overrides != b.overrides
 
 
-def table(plan: Plan) -> str:
+def table(plan: SweepPlan) -> str:
     """The plan as a fixed-width table, one run a line."""
     head = (
         f"{'run':<22} {'budget':>9} {'L':>3} {'d':>5} {'H':>3} {'d_ff':>5} {'params':>8} "
@@ -307,5 +307,5 @@ def table(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def plan_from_spec(spec_path: str | Path) -> Plan:
-    return make_plan(load_spec(spec_path))
+def sweep_plan_from_spec(spec_path: str | Path) -> SweepPlan:
+    return make_sweep_plan(load_spec(spec_path))

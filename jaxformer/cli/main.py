@@ -19,16 +19,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from jaxformer.cli import checkpoints, sweep
 from jaxformer.config import ConfigError, load_config
-from jaxformer.data.errors import DataError
-from jaxformer.host import use_huge_pages
-from jaxformer.train.errors import (
+from jaxformer.errors import (
     EXIT_BAD_STEPS,
     EXIT_PREEMPTED,
     BadSteps,
     CheckpointError,
+    DataError,
     Preempted,
 )
+from jaxformer.host import use_huge_pages
 
 log = logging.getLogger("jaxformer")
 
@@ -72,11 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         help="plan for N simulated CPU devices (default: the devices present)",
     )  # fmt: skip
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    from jaxformer.scaling import cli as sweep_cli
-    from jaxformer.train import checkpoints_cli
-
-    sweep_cli.add_parser(sub)
-    checkpoints_cli.add_parser(sub)
+    sweep.add_parser(sub)
+    checkpoints.add_parser(sub)
     return parser
 
 
@@ -97,19 +95,17 @@ def _generate(cfg: Any, args: argparse.Namespace) -> str:
 
     from jaxformer import data as jdata
     from jaxformer import decode, parallel
+    from jaxformer.tasks import task_for
+    from jaxformer.train.setup import restore_params
 
+    task = task_for(cfg)
     tokenizer = jdata.build_tokenizer(cfg.data)
-    model, step, mesh = decode.restore_model(cfg)
+    prompt, sources = task.generation_inputs(tokenizer, tokenizer.encode(args.prompt))
+    model, step, mesh = restore_params(cfg)
     log.info("generating from the checkpoint at step %d", step)
-    text = tokenizer.encode(args.prompt)
     common: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)
-    if cfg.model.family in ("encoder_decoder", "t5"):
-        # The prompt is the source (ended by eos, as in training); the decoder starts at bos.
-        source = np.append(text, tokenizer.eos_id).astype(np.int32)
-        common["sources"] = (source[None], None)
-        prompt = np.asarray([tokenizer.bos_id], np.int32)
-    else:
-        prompt = np.concatenate([[tokenizer.bos_id], text]).astype(np.int32)
+    if sources is not None:
+        common["sources"] = sources
     try:
         decode.check_fits(model, len(prompt), args.max_new_tokens)
     except ValueError as err:
@@ -144,13 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_huge_pages()  # re-executes this command once, with huge-page malloc (host.py)
     try:
         if args.command in ("sweep", "checkpoints"):
-            from jaxformer.scaling import cli as sweep_cli
-            from jaxformer.train import checkpoints_cli
-
-            module = sweep_cli if args.command == "sweep" else checkpoints_cli
+            module = sweep if args.command == "sweep" else checkpoints
             return module.main(args, rest)
         if args.command == "plan" and args.devices:
-            from jaxformer.plan import use_host_devices
+            from jaxformer.step_plan import use_host_devices
 
             use_host_devices(args.devices)  # before anything starts the jax backend
         cfg = load_config(args.config, _split_overrides(rest))
@@ -159,18 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             train(cfg)
         elif args.command == "eval":
-            from jaxformer.train.loop import evaluate, setup
+            from jaxformer.train.loop import evaluate_checkpoint
 
-            run = setup(cfg)
-            if run.restored_step is None:
-                raise ConfigError(f"no checkpoint in '{cfg.train.run_dir}' (train.run_dir)")
-            metrics = evaluate(run, max_batches=args.batches)
+            step, metrics = evaluate_checkpoint(cfg, max_batches=args.batches)
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            print(f"step {run.restored_step} eval: {shown}")
+            print(f"step {step} eval: {shown}")
         elif args.command == "generate":
             print(_generate(cfg, args))
         elif args.command == "plan":
-            from jaxformer.plan import report
+            from jaxformer.step_plan import report
 
             print(report(cfg, args.devices, as_json=args.json))
     except ConfigError as err:
@@ -189,7 +179,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxformer: training stopped: {err}", file=sys.stderr)
         return EXIT_BAD_STEPS
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

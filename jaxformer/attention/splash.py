@@ -7,8 +7,9 @@ window O(L * window). Packed documents are separated by segment ids inside the k
 
 The kernel runs on one device, on one example: this wrapper vmaps it over the batch and,
 under an active mesh (``jaxformer.parallel.activate``), runs it in a ``shard_map`` over
-the mesh axes that split the batch and the heads, so it composes with data, FSDP and
-tensor parallelism. Sequence parallelism is ring attention's job (it never reaches here).
+the mesh axes that split the batch and the heads (``jaxformer/parallel/splash_sharding.py``),
+so it composes with data, FSDP and tensor parallelism. Sequence parallelism is ring
+attention's job (it never reaches here).
 
 Tested on CPU in Pallas interpret mode (``interpret=True``) against the einsum reference;
 see docs/splash_attention.md.
@@ -16,15 +17,21 @@ see docs/splash_attention.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sak
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sam
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import Mesh
 
-from jaxformer.parallel.sharding import _ACTIVE, DEFAULT_RULES, Rules, logical_to_spec
+from jaxformer.attention.masks import SegmentMask
+from jaxformer.attention.reference import Einsum, einsum_attention
+from jaxformer.errors import ConfigError
+from jaxformer.parallel.sharding import Rules
+from jaxformer.parallel.splash_sharding import shard_splash
 
 # The kernel's tiles are multiples of the TPU's 128 lanes; larger blocks amortise the
 # per-block overhead, 512 is what MaxText defaults to.
@@ -163,48 +170,66 @@ def splash_attention(
     )
     segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
 
-    active = _ACTIVE.get()
-    if mesh is None and active is not None:
-        mesh = active[0]
-    if rules is None:
-        rules = active[1] if active is not None else DEFAULT_RULES
-    if mesh is None:
-        return local(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxL)
-
-    q_spec = logical_to_spec(("batch", "length", "act_heads", None), q_BxLxHxDh.shape, mesh, rules)
-    k_spec = logical_to_spec(
-        ("batch", "length", "act_kv_heads", None), k_BxSxKxDh.shape, mesh, rules
+    return shard_splash(
+        local, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxL, mesh=mesh, rules=rules
     )
-    if q_spec[1] is not None:
-        raise ValueError(
-            f"splash attention does not support sequence parallelism (length split over "
-            f"{q_spec[1]!r}): ring attention runs instead when the length is split; set "
-            "mesh.sequence=1 to use splash"
+
+
+@dataclasses.dataclass(frozen=True)
+class Splash(Einsum):
+    """``model.attention_impl=splash``: causal or windowed self-attention over a
+    :class:`SegmentMask` through the kernel (which builds its own mask, so the dense one
+    is never made); the einsum reference for the rest (decoding, introspection)."""
+
+    name: str = "splash"
+    interpret: bool = False  # Pallas' interpreter, for tests on CPU
+
+    def __call__(
+        self,
+        q_BxLxHxDh: jax.Array,
+        k_BxSxKxDh: jax.Array,
+        v_BxSxKxDh: jax.Array,
+        mask_BxLxS: jax.Array | SegmentMask,
+        bias_BxHxLxS: jax.Array | None,
+        *,
+        scale: float,
+        return_probs: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        if isinstance(mask_BxLxS, SegmentMask) and not return_probs:
+            return splash_attention(
+                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS.segment_ids_BxL, bias_BxHxLxS,
+                causal=mask_BxLxS.causal, window=mask_BxLxS.window, scale=scale,
+                interpret=self.interpret,
+            )  # fmt: skip
+        return einsum_attention(
+            q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, bias_BxHxLxS,
+            scale=scale, return_probs=return_probs,
+        )  # fmt: skip
+
+    def self_mask(
+        self, segment_ids_BxL: jax.Array, positions_BxL: jax.Array, causal: bool, window: int = 0
+    ) -> SegmentMask:
+        """Left unbuilt: the kernel makes its own from the segment ids."""
+        return SegmentMask(segment_ids_BxL, positions_BxL, causal=causal, window=window)
+
+
+def validate(cfg: ml_collections.ConfigDict, mesh: dict[str, int], *, causal_lm: bool) -> None:
+    """What the kernel cannot run, refused before compiling: ``causal_lm`` says whether
+    the family is a decoder LM (the only one the kernel is wired into)."""
+    m = cfg.model
+    problem = None
+    if not causal_lm:
+        problem = f"is wired for decoders only (model.family={m.family!r})"
+    elif m.position == "alibi":
+        problem = "takes no logit bias (model.position='alibi')"
+    elif cfg.data.seq_len % MIN_BLOCK:
+        problem = f"needs data.seq_len a multiple of {MIN_BLOCK} (got {cfg.data.seq_len})"
+    elif mesh["sequence"] > 1:
+        problem = "does not split the sequence (mesh.sequence > 1: ring attention does)"
+    elif mesh["stage"] > 1:
+        problem = "is not wired into pipeline stages (mesh.stage > 1)"
+    if problem:
+        raise ConfigError(
+            f"config key 'model.attention_impl'='splash' {problem}; "
+            "use model.attention_impl=dot_product or einsum"
         )
-    batch = q_spec[0]
-    # Each device's query heads must find their KV heads among its own: split both over
-    # the same axes, or (MQA) split the queries and give every device the one KV head;
-    # otherwise every device computes all heads of its batch rows.
-    if q_spec[2] == k_spec[2]:
-        q_heads = kv_split = q_spec[2]
-    elif kv_heads == 1:
-        q_heads, kv_split = q_spec[2], None
-    else:
-        q_heads = kv_split = None
-    q_spec = PartitionSpec(batch, None, q_heads, None)
-    k_spec = PartitionSpec(batch, None, kv_split, None)
-    # Every axis the caller has not already made manual (pipeline stages) goes manual:
-    # the kernel is a custom call that the automatic partitioner would only replicate.
-    # check_vma is off because the kernel's pallas_calls declare no varying axes on
-    # their outputs; the specs hold anyway (inputs are replicated over unnamed axes).
-    manual = {
-        a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == AxisType.Manual
-    }
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(q_spec, k_spec, k_spec, PartitionSpec(batch, None)),
-        out_specs=q_spec,
-        axis_names=frozenset(mesh.axis_names) - manual,
-        check_vma=False,
-    )(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxL)

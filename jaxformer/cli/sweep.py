@@ -4,6 +4,8 @@ jaxformer sweep plan --spec configs/sweeps/micro.py --out sweeps/micro
 jaxformer sweep run --plan sweeps/micro [--parallel K | --emit slurm|k8s]
 jaxformer sweep collect --plan sweeps/micro --out sweeps/micro/table.csv
 jaxformer sweep fit --table sweeps/micro/table.csv --budget 1e15 --plots sweeps/micro/plots
+
+The arguments and the printing; the work is ``jaxformer.scaling``'s.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxformer.config import ConfigError
+from jaxformer.errors import ConfigError
 
 log = logging.getLogger("jaxformer")
 
@@ -70,10 +72,10 @@ def add_parser(sub: Any) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from jaxformer.scaling.plan import plan_from_spec, table, write_plan
+    from jaxformer.scaling.sweep_plan import sweep_plan_from_spec, table, write_sweep_plan
 
-    plan = plan_from_spec(args.spec)
-    path = write_plan(plan, args.out)
+    plan = sweep_plan_from_spec(args.spec)
+    path = write_sweep_plan(plan, args.out)
     print(table(plan))
     print(f"wrote {path} and {len(plan.runs)} run configs under {Path(args.out) / 'configs'}")
     return 0

@@ -1,12 +1,26 @@
-"""How a training run ends other than by finishing, and the exit codes the CLI gives them.
+"""Every error a user can fix, and how a run ends other than by finishing.
 
-Kept free of JAX and Orbax imports so that the CLI can name them before starting JAX.
+The command line reports these without a traceback (exit code 2, or the codes below).
+Kept free of JAX imports so that the CLI can name them before starting JAX.
 """
 
 from __future__ import annotations
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly with a checkpoint; start it again
+EXIT_USER_ERROR = 2  # a config, data or checkpoint the user can fix
 EXIT_BAD_STEPS = 3  # train.max_bad_steps skipped steps in a row
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly with a checkpoint; start it again
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+class DataError(ValueError):
+    """A data setting that cannot work; the message names the config key."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A dataset, file or tokenizer model that is not where the config says."""
 
 
 class CheckpointError(Exception):

@@ -29,7 +29,7 @@ long as a backward even for the stages running a forward (docs/parallelism.md, s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from jaxformer.model.layers import attention_mask
+from jaxformer.errors import ConfigError
 from jaxformer.parallel.sharding import _ACTIVE, activate
 
 STAGE = "stage"
@@ -59,17 +59,23 @@ def bubble_fraction(stages: int, microbatches: int) -> float:
     return (stages - 1) / (microbatches + stages - 1)
 
 
-def stage_graphdef(model_cfg: ml_collections.ConfigDict, stages: int) -> nnx.GraphDef:
-    """The graphdef of a model holding one stage's num_layers / stages layers.
+class StageModel(Protocol):
+    """What a model offers pipeline stages (``DecoderLM`` does): its pieces, public, so
+    that this module runs them without knowing the model's classes."""
 
-    Merging a stage's slice of the stacked blocks into it gives a model whose
-    ``_run_blocks`` runs exactly those layers (the model itself never names the mesh).
-    """
-    from jaxformer import model as model_lib  # the model imports parallel: import late
+    def embed_tokens(self, inputs_BxL: jax.Array, positions_BxL: jax.Array, key: Any) -> jax.Array:
+        """Token (+ position) embedding: the first stage's input."""
+        ...
 
-    cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-    cfg.num_layers = model_cfg.num_layers // stages
-    return nnx.graphdef(nnx.eval_shape(lambda: model_lib.build_model(cfg, 0)))
+    def stage_layers(
+        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array, key: Any
+    ) -> jax.Array:
+        """Every layer this model holds (a stage's model holds num_layers / stages)."""
+        ...
+
+    def stage_head(self, y_BxLxD: jax.Array) -> jax.Array:
+        """Final norm and float32 logits: the last stage's output."""
+        ...
 
 
 class _Stage:
@@ -86,23 +92,19 @@ class _Stage:
         return jax.random.fold_in(jax.random.fold_in(self.key, m), salt)
 
     def embed(self, params: nnx.State, mb: Batch, m: jax.Array) -> jax.Array:
-        model = nnx.merge(self.graphdef, params)
-        return model._embed(mb["inputs"], mb["positions"], self._key(m, self.stages))
+        model: StageModel = nnx.merge(self.graphdef, params)
+        return model.embed_tokens(mb["inputs"], mb["positions"], self._key(m, self.stages))
 
     def blocks(
         self, params: nnx.State, x_BxLxD: jax.Array, mb: Batch, m: jax.Array, s: jax.Array
     ) -> jax.Array:
-        model = nnx.merge(self.graphdef, params)
-        mask_BxLxS = attention_mask(
-            mb["segment_ids"], causal=True, positions_BxL=mb["positions"],
-            window=model.cfg.sliding_window,
-        )  # fmt: skip
-        y_BxLxD, _, _ = model._run_blocks(x_BxLxD, mask_BxLxS, mb["positions"], self._key(m, s))
-        return y_BxLxD
+        model: StageModel = nnx.merge(self.graphdef, params)
+        key = self._key(m, s)
+        return model.stage_layers(x_BxLxD, mb["segment_ids"], mb["positions"], key)
 
     def head(self, params: nnx.State, y_BxLxD: jax.Array, mb: Batch) -> tuple[jax.Array, Stats]:
-        model = nnx.merge(self.graphdef, params)
-        return self.loss_fn(model._output_logits(model._final(y_BxLxD)), mb)
+        model: StageModel = nnx.merge(self.graphdef, params)
+        return self.loss_fn(model.stage_head(y_BxLxD), mb)
 
     def zero_head(self, params: nnx.State, y_BxLxD: jax.Array, mb: Batch) -> tuple:
         shapes = jax.eval_shape(self.head, params, y_BxLxD, mb)
@@ -261,7 +263,7 @@ def _is_block_path(path: tuple) -> bool:
 
 
 def loss_and_grads(
-    graphdef: nnx.GraphDef,
+    stage_graphdef: nnx.GraphDef,
     params: nnx.State,
     batch_MxB: Batch,
     key: jax.Array | None,
@@ -272,15 +274,14 @@ def loss_and_grads(
     ``batch_MxB`` ([M, B/M, ...]), pipelined over the active mesh's ``stage`` axis with
     ``cfg.train.pipeline_schedule``: the same values as the unpipelined model's.
 
-    ``graphdef`` is the whole model's (unused beyond its structure: each stage merges its
-    parameters into a one-stage graphdef)."""
-    del graphdef
+    ``stage_graphdef`` is that of the model (a :class:`StageModel`) built with one stage's
+    num_layers / stages layers: each stage merges its slice of the stacked layers into it."""
     active = _ACTIVE.get()
     if active is None:
         raise ValueError("pipeline parallelism needs an active mesh (parallel.activate)")
     mesh, rules = active
     stages = mesh.shape[STAGE]
-    stage = _Stage(stage_graphdef(cfg.model, stages), loss_fn, key, stages)
+    stage = _Stage(stage_graphdef, loss_fn, key, stages)
     rows, length = batch_MxB["inputs"].shape[1:3]
     dtype = jnp.dtype(cfg.model.dtype)
     specs = jax.tree_util.tree_map_with_path(
@@ -315,3 +316,35 @@ def loss_and_grads(
     if cfg.train.pipeline_schedule == "gpipe":
         return jax.value_and_grad(run(PartitionSpec()), has_aux=True)(params, batch_MxB)
     return run(((PartitionSpec(), PartitionSpec()), specs))(params, batch_MxB)
+
+
+def validate(cfg: ml_collections.ConfigDict, mesh: dict[str, int], *, pipelines: bool) -> None:
+    """Pipeline parallelism (mesh.stage > 1) splits a decoder's scanned layers into equal
+    stages and runs train.microbatches through them; ``pipelines`` says whether the
+    config's family can be split (its task's ``pipelines``)."""
+    m, t, stages = cfg.model, cfg.train, mesh["stage"]
+    if stages == 1:
+        return
+    where = f"with mesh.stage x mesh.dcn_stage = {stages} pipeline stages"
+    if not pipelines or not m.scan_layers or m.moe_experts:
+        raise ConfigError(
+            f"config keys 'model.family' ({m.family!r}), 'model.scan_layers' "
+            f"({m.scan_layers}) and 'model.moe_experts' ({m.moe_experts}) {where}: "
+            "pipelining needs a dense decoder with scanned layers (family='decoder', "
+            "scan_layers=True, moe_experts=0); use mesh.stage=1 for the others"
+        )
+    if m.num_layers % stages:
+        raise ConfigError(
+            f"config key 'model.num_layers' ({m.num_layers}) must divide by the {stages} "
+            "pipeline stages (mesh.stage x mesh.dcn_stage)"
+        )
+    if mesh.get("sequence", 1) > 1:
+        raise ConfigError(
+            f"config key 'mesh.sequence' ({mesh['sequence']}) must be 1 {where}: ring "
+            "attention is not combined with pipelining yet"
+        )
+    if t.pipeline_schedule == "1f1b" and t.microbatches < stages:
+        raise ConfigError(
+            f"config key 'train.microbatches' ({t.microbatches}) must be at least the "
+            f"{stages} pipeline stages for train.pipeline_schedule='1f1b'"
+        )
