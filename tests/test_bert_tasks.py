@@ -214,7 +214,6 @@ def test_init_from_errors(repo_root: Path, pretrained: dict[str, Any], tmp_path:
 
 def test_classification_config_errors(repo_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.num_labels"):  # labels without a classifier
-
         validate(_config(repo_root, "bert_classify.py", tmp_path, "--config.model.num_labels=0"), 8)
     with pytest.raises(jdata.DataError, match=f"model.num_labels={len(PACKAGES)}"):
         jdata.load_examples(

@@ -42,20 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _row(ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Model inputs for one unpacked sequence."""
-    n = len(ids)
-    return {
-        "inputs": np.asarray(ids, np.int32)[None],
-        "segment_ids": np.ones((1, n), np.int32),
-        "positions": np.arange(n, dtype=np.int32)[None],
-    }
-
-
 def build_batch(cfg: Any, model: Any, tokenizer: Any, args: argparse.Namespace) -> tuple:
     """(batch, labels per attention key) for the prompt; labels are token strings."""
     from jaxformer import decode
     from jaxformer.tasks import task_for
+    from jaxformer.tasks.base import unpacked_row
 
     task = task_for(cfg)
     text = tokenizer.encode(args.prompt)
@@ -79,7 +70,7 @@ def build_batch(cfg: Any, model: Any, tokenizer: Any, args: argparse.Namespace) 
     else:
         target = tokenizer.encode(args.target)
     decoder_ids = np.concatenate([[tokenizer.bos_id], target]).astype(np.int32)
-    batch = row | _row(decoder_ids)
+    batch = row | unpacked_row(decoder_ids)
     src, tgt = _labels(tokenizer, source), _labels(tokenizer, decoder_ids)
     return batch, {"encoder_": (src, src), "decoder_": (tgt, tgt), "decoder_cross_": (tgt, src)}
 

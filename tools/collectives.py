@@ -83,7 +83,7 @@ def sizes(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> Sizes:
 
     num_devices = math.prod(mesh_shape.values())
     built = build(cfg, devices=jax.devices()[:num_devices], abstract=True)
-    if built.mesh_shape != dict(mesh_shape):
+    if built.mesh_shape != {axis: mesh_shape.get(axis, 1) for axis in built.mesh_shape}:
         raise ValueError(f"the config's mesh {built.mesh_shape} is not {dict(mesh_shape)}")
     state = built.state
     kernels = replicated = table = head = sharded = 0

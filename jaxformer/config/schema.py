@@ -189,6 +189,7 @@ CHOICES = {
     "train.pipeline_schedule": ("gpipe", "1f1b"),
 }
 
+
 def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in cfg.items():

@@ -51,6 +51,7 @@ DEFAULT_RULES: Rules = {
     "act_vocab": "tensor",
 }
 
+
 def logical_to_spec(
     logical: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh, rules: Rules
 ) -> PartitionSpec:
@@ -76,14 +77,17 @@ def logical_to_spec(
         out.append(axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
 
+
 def logical_to_sharding(
     logical: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh, rules: Rules
 ) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
 
+
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     "jaxformer_sharding", default=None
 )
+
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
@@ -94,6 +98,7 @@ def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
     finally:
         _ACTIVE.reset(token)
 
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's layout by logical axis names; a no-op without a mesh."""
     active = _ACTIVE.get()
@@ -102,9 +107,11 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, logical_to_sharding(logical, x.shape, mesh, rules))
 
+
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
     """Layout of an input batch: the leading axis over the data-like mesh axes."""
     return logical_to_sharding(("batch",) + (None,) * (ndim - 1), None, mesh, rules)
+
 
 def batch_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
     """The data-like mesh axes, those the ``batch`` rule splits the batch over: what the
@@ -112,14 +119,17 @@ def batch_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
     axes = rules.get("batch")
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
+
 def batch_shards(mesh_shape: Mapping[str, int], rules: Rules = DEFAULT_RULES) -> int:
     """How many ways the batch is split: the product of the data-like axes' sizes."""
     return math.prod(int(mesh_shape.get(axis, 1)) for axis in batch_axes(rules))
+
 
 def _is_variable(x: object) -> bool:
     from flax import nnx
 
     return isinstance(x, nnx.Variable)
+
 
 def tree_shardings(tree: object, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> object:
     """NamedShardings for a pytree of NNX variables (params, optimizer moments) and arrays.

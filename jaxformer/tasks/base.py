@@ -146,7 +146,7 @@ class Task:
     def text_row(self, tokenizer: Any, text: np.ndarray) -> dict[str, np.ndarray]:
         """One unpacked row of model inputs for ``text`` (attention maps, probes)."""
         ids = np.concatenate([[tokenizer.bos_id], text]).astype(np.int32)
-        return _row(ids)
+        return unpacked_row(ids)
 
     # -- validation -------------------------------------------------------------------
 
@@ -205,7 +205,8 @@ def check_ignored(cfg: ml_collections.ConfigDict, keys: tuple[str, ...], family:
             )
 
 
-def _row(ids: np.ndarray) -> dict[str, np.ndarray]:
+def unpacked_row(ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs for one unpacked sequence: one segment, positions from 0."""
     n = len(ids)
     return {
         "inputs": np.asarray(ids, np.int32)[None],

@@ -13,7 +13,7 @@ from jaxformer import data as jdata
 from jaxformer import decode, flops
 from jaxformer.data.seq2seq import ENCODER_KEYS
 from jaxformer.model import EncoderDecoder
-from jaxformer.tasks.base import Task, _row, hosts
+from jaxformer.tasks.base import Task, hosts, unpacked_row
 
 # Keys only decoders, BERT or T5 read (scan_layers is refused by Task.validate).
 _NOT_ENCODER_DECODER = (
@@ -51,7 +51,7 @@ class Seq2SeqTask(Task):
     def text_row(self, tokenizer: Any, text: np.ndarray) -> dict[str, np.ndarray]:
         """The encoder's row for ``text`` as source (``encoder_*`` keys)."""
         source = np.append(text, tokenizer.eos_id).astype(np.int32)
-        return {f"encoder_{k}": v for k, v in _row(source).items()}
+        return {f"encoder_{k}": v for k, v in unpacked_row(source).items()}
 
 
 @dataclasses.dataclass(frozen=True)
