@@ -31,7 +31,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxformer import hlo, step_plan
-from jaxformer.config import ConfigError, load_config
+from jaxformer.config import MESH_AXES, ConfigError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/default.py"
@@ -328,7 +328,7 @@ def layout_config(
     """``base`` with its mesh set to ``layout`` = n and every other axis 1."""
     cfg = copy.deepcopy(base)
     with cfg.unlocked():
-        for axis in ("stage", "data", "fsdp", "expert", "sequence", "tensor"):
+        for axis in MESH_AXES:
             cfg.mesh[axis] = n if axis == layout else 1
     return cfg, {axis: cfg.mesh[axis] for axis in ("data", "fsdp", "tensor")}
 

@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxformer import parallel
+from jaxformer import parallel, tasks
 from jaxformer.losses import cross_entropy
 from jaxformer.parallel import pipeline_parallel
 from jaxformer.tasks import Task, task_for
@@ -71,10 +71,8 @@ class TrainState(flax.struct.PyTreeNode):
 def build_model(cfg: Any, seed: int, mesh_shape: Any = None) -> nnx.Module:
     """The config's model, through its task, with the attention backend chosen for the
     mesh (ring attention in front only where ``mesh.sequence > 1``)."""
-    from jaxformer.tasks import build_model as build
-
     sequence_parallel = True if mesh_shape is None else mesh_shape.get("sequence", 1) > 1
-    return build(cfg.model, seed, sequence_parallel=sequence_parallel)
+    return tasks.build_model(cfg.model, seed, sequence_parallel=sequence_parallel)
 
 
 def init_state(
