@@ -23,6 +23,12 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_logits import SRC, VOCAB  # noqa: E402
+from hf_logits import bert_logits as _bert_logits  # noqa: E402
+from hf_logits import decoder_logits as _decoder_logits  # noqa: E402
+from hf_logits import t5_logits as _t5_logits  # noqa: E402
+from hf_logits import tokens as _tokens  # noqa: E402
+
 from jaxformer import hf  # noqa: E402
 from jaxformer.config import CHOICES  # noqa: E402
 from jaxformer.hf import bert as hf_bert  # noqa: E402
@@ -31,7 +37,6 @@ from jaxformer.hf import decoder as hf_decoder  # noqa: E402
 from jaxformer.hf import t5 as hf_t5  # noqa: E402
 from jaxformer.model import T5, Bert, DecoderLM, ModelConfig  # noqa: E402
 
-VOCAB, BATCH, SEQ, SRC = 128, 2, 16, 12
 RTOL = 1e-4  # max |jaxformer - transformers| / max |transformers|, float32
 
 
@@ -113,38 +118,6 @@ IMPORT = {
     "t5": hf.import_hf_t5,
 }
 ARCH_KEYS = {**hf_decoder.ARCH_KEYS, "bert": hf_bert.ARCH_KEYS, "t5": hf_t5.ARCH_KEYS}
-
-
-def _tokens(seed: int, length: int = SEQ) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, (BATCH, length)).astype(np.int32)
-
-
-def _positions(length: int) -> jax.Array:
-    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (BATCH, length))
-
-
-@nnx.jit
-def _decoder_logits(model: Any, tokens: jax.Array) -> jax.Array:
-    return model(tokens, jnp.ones_like(tokens), _positions(tokens.shape[1]))
-
-
-@nnx.jit
-def _bert_logits(model: Any, tokens: jax.Array) -> jax.Array:
-    ones = jnp.ones_like(tokens)
-    return model(tokens, ones, _positions(tokens.shape[1]), jnp.zeros_like(tokens))["mlm_logits"]
-
-
-@nnx.jit
-def _t5_logits(model: Any, src: jax.Array, tgt: jax.Array) -> jax.Array:
-    batch = {
-        "encoder_inputs": src,
-        "encoder_segment_ids": jnp.ones_like(src),
-        "encoder_positions": _positions(src.shape[1]),
-        "inputs": tgt,
-        "segment_ids": jnp.ones_like(tgt),
-        "positions": _positions(tgt.shape[1]),
-    }
-    return model.apply_batch(batch)[0]
 
 
 def _jax_logits(model: Any) -> np.ndarray:

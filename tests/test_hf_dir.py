@@ -33,7 +33,13 @@ from jaxformer.config import check_schema  # noqa: E402
 from jaxformer.train.setup import restore_params  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VOCAB, BATCH, SEQ, SRC = 128, 2, 16, 12
+from hf_logits import SRC, VOCAB  # noqa: E402
+from hf_logits import bert_logits as _bert_logits  # noqa: E402
+from hf_logits import decoder_logits as _decoder_logits  # noqa: E402
+from hf_logits import positions as _positions  # noqa: E402
+from hf_logits import t5_logits as _t5_logits  # noqa: E402
+from hf_logits import tokens as _tokens  # noqa: E402
+
 RTOL = 1e-4  # max |jaxformer - transformers| / max |transformers|, float32
 
 
@@ -85,38 +91,6 @@ def _t5() -> Any:
     model = transformers.T5ForConditionalGeneration(config)
     model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
     return _perturbed(model, 3)
-
-
-def _tokens(seed: int, length: int = SEQ) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, (BATCH, length)).astype(np.int32)
-
-
-def _positions(length: int) -> jax.Array:
-    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (BATCH, length))
-
-
-@nnx.jit
-def _decoder_logits(model: Any, tokens: jax.Array) -> jax.Array:
-    return model(tokens, jnp.ones_like(tokens), _positions(tokens.shape[1]))
-
-
-@nnx.jit
-def _bert_logits(model: Any, tokens: jax.Array) -> jax.Array:
-    ones = jnp.ones_like(tokens)
-    return model(tokens, ones, _positions(tokens.shape[1]), jnp.zeros_like(tokens))["mlm_logits"]
-
-
-@nnx.jit
-def _t5_logits(model: Any, src: jax.Array, tgt: jax.Array) -> jax.Array:
-    batch = {
-        "encoder_inputs": src,
-        "encoder_segment_ids": jnp.ones_like(src),
-        "encoder_positions": _positions(src.shape[1]),
-        "inputs": tgt,
-        "segment_ids": jnp.ones_like(tgt),
-        "positions": _positions(tgt.shape[1]),
-    }
-    return model.apply_batch(batch)[0]
 
 
 def _jax_logits(model_type: str, model: Any) -> np.ndarray:
