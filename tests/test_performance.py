@@ -186,9 +186,9 @@ def test_benchmark_writes_a_row_with_mfu_against_the_sampled_matmul_peak(tmp_pat
     mfu, peak = float(cells[9].rstrip("%")) / 100, cells[10]
     assert "best of 7 2048^3 float32 matmuls between the steps of this run on cpu" in peak
     tflops, peak_tflops = float(cells[8]), float(peak.split()[0])
-    # Within the cells' rounding: TFLOP/s to 0.0005, MFU to 0.05%; on a loaded machine the
+    # Within the cells' rounding (TFLOP/s to 3 decimals, MFU to 0.1%); on a loaded machine the
     # sampled peak is low, and the TFLOP/s cell's rounding then counts for more.
-    assert mfu == pytest.approx(tflops / peak_tflops, abs=0.0005 / peak_tflops + 0.0005)
+    assert mfu == pytest.approx(tflops / peak_tflops, abs=0.001 / peak_tflops + 0.001)
     assert 0.05 < peak_tflops < 1e4  # a plausible CPU, in TFLOP/s
     assert "python tools/benchmark.py --config=" in text
 
