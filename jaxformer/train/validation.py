@@ -1,9 +1,10 @@
 """``validate``: every feature's checks of a config against the devices, before compiling.
 
 Each feature owns its checks: the mesh (``parallel.mesh``), the model section
-(``model.config``), the family (its task), pipeline parallelism
-(``parallel.pipeline_parallel``), the attention backend (``attention.registry``) and, here,
-the train loop's batch arithmetic. Each raises a ConfigError naming the key.
+(``model.config``), the data section (``data.validation``), the family (its task),
+pipeline parallelism (``parallel.pipeline_parallel``), the attention backend
+(``attention.registry``) and, here, the train loop's batch arithmetic. Each raises a
+ConfigError naming the key.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxformer.attention import registry as attention_registry
+from jaxformer.data.validation import validate_data
 from jaxformer.errors import ConfigError
 from jaxformer.model.config import validate_model
 from jaxformer.parallel import mesh as mesh_lib
@@ -26,6 +28,7 @@ def validate(
     mesh = mesh_lib.validate_mesh(cfg, num_devices, process_count, num_slices)
     task = task_for(cfg)
     validate_model(cfg)
+    validate_data(cfg)
     task.validate(cfg, mesh)
     pipeline_parallel.validate(cfg, mesh, pipelines=task.pipelines)
     mesh_lib.check_layout(cfg, mesh)
