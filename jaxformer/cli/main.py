@@ -9,13 +9,16 @@ jaxformer sweep plan --spec=configs/sweeps/NAME.py --out=sweeps/NAME
 
 Exit codes: 0 done, 2 bad config/data/checkpoint, 3 too many bad steps in a row,
 75 preempted (a checkpoint was saved at the last step: run the same command again).
+User errors print one line and no traceback; JAXFORMER_TRACEBACK=1 prints the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +27,7 @@ from jaxformer.config import ConfigError, load_config
 from jaxformer.errors import (
     EXIT_BAD_STEPS,
     EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
     BadSteps,
     CheckpointError,
     DataError,
@@ -126,6 +130,28 @@ def _generate(cfg: Any, args: argparse.Namespace) -> str:
     return tokenizer.decode(np.asarray(tokens))
 
 
+# What each user-facing error is called on stderr, and the exit code it gives.
+_REPORTS: tuple[tuple[type[Exception], str, int], ...] = (
+    (ConfigError, "config error: ", EXIT_USER_ERROR),
+    (DataError, "data error: ", EXIT_USER_ERROR),
+    (CheckpointError, "checkpoint error: ", EXIT_USER_ERROR),
+    (Preempted, "", EXIT_PREEMPTED),
+    (BadSteps, "training stopped: ", EXIT_BAD_STEPS),
+)
+
+
+def _report(err: Exception) -> int:
+    """One line naming the problem, no traceback (JAXFORMER_TRACEBACK=1 adds it, for
+    debugging a config file or jaxformer itself); returns the exit code."""
+    if os.environ.get("JAXFORMER_TRACEBACK"):
+        traceback.print_exception(err, file=sys.stderr)
+    for kind, label, code in _REPORTS:
+        if isinstance(err, kind):
+            print(f"jaxformer: {label}{err}", file=sys.stderr)
+            return code
+    raise err
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
@@ -163,19 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from jaxformer.step_plan import report
 
             print(report(cfg, args.devices, as_json=args.json))
-    except ConfigError as err:
-        print(f"jaxformer: config error: {err}", file=sys.stderr)
-        return 2
-    except DataError as err:
-        print(f"jaxformer: data error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"jaxformer: checkpoint error: {err}", file=sys.stderr)
-        return 2
-    except Preempted as err:
-        print(f"jaxformer: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except BadSteps as err:
-        print(f"jaxformer: training stopped: {err}", file=sys.stderr)
-        return EXIT_BAD_STEPS
+    except (ConfigError, DataError, CheckpointError, Preempted, BadSteps) as err:
+        return _report(err)
     return 0

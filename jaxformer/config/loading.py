@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,32 @@ def run_get_config(path: str, what: str = "config file") -> ml_collections.Confi
     spec = importlib.util.spec_from_file_location(f"jaxformer_config_{Path(file).stem}", file)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - any error in the user's file is theirs to fix
+        raise ConfigError(f"{what} '{file}' does not load: {_located(err, file)}") from err
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{what} '{file}' defines no get_config()")
     try:
         return module.get_config(arg) if arg else module.get_config()
-    except (TypeError, AttributeError, KeyError) as err:  # ml_collections' type checks
-        raise ConfigError(f"{what} '{file}': {err}") from err
+    except ConfigError:
+        raise  # already names its file (a sibling_config inside get_config)
+    except Exception as err:  # noqa: BLE001 - ml_collections' type checks, the file's own
+        raise ConfigError(f"{what} '{file}': get_config() raised {_located(err, file)}") from err
+
+
+def _located(err: BaseException, file: str) -> str:
+    """``Type: message`` of ``err`` with the line of ``file`` it came from (a syntax
+    error's own line; else the innermost frame in that file), for a message without a
+    traceback (JAXFORMER_TRACEBACK=1 prints the traceback too)."""
+    line = err.lineno if isinstance(err, SyntaxError) else None
+    target = Path(file).resolve()
+    for frame, lineno in traceback.walk_tb(err.__traceback__):
+        if Path(frame.f_code.co_filename).resolve() == target:
+            line = lineno
+    message = err.msg if isinstance(err, SyntaxError) else str(err)
+    at = f" at line {line}" if line else ""
+    return f"{type(err).__name__}{at}: {message}"
 
 
 def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
