@@ -207,6 +207,33 @@ def test_damaged_checkpoint_is_moved_aside_and_the_previous_one_restored(
     assert [p.name.split("-")[0] for p in (run_dir / DAMAGED_DIR).iterdir()] == ["4"]
 
 
+def _damage_state(run_dir: Path, step: int) -> None:
+    for path in (run_dir / f"checkpoints/{step}/state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_eval_and_generate_skip_a_damaged_checkpoint_and_move_nothing(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read-only commands read parameters only (train.setup.restore_params): a damaged
+    checkpoint is skipped, not moved aside, and with none readable it is an error."""
+    from jaxformer.train.setup import restore_params
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    _damage_state(run_dir, 4)
+    with caplog.at_level(logging.WARNING, logger="jaxformer"):
+        _, step, _ = restore_params(_tiny(run_dir, 4))
+    assert step == 2 and "left in place; falling back to step 2" in caplog.text
+    assert (run_dir / "checkpoints/4").is_dir() and not (run_dir / DAMAGED_DIR).exists()
+    _damage_state(run_dir, 2)
+    with pytest.raises(CheckpointError, match="can be read .*left in place"):
+        loop.evaluate_checkpoint(_tiny(run_dir, 4))
+    assert not (run_dir / DAMAGED_DIR).exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "4"]
+
+
 def test_all_checkpoints_damaged_is_an_error_not_a_silent_restart(
     trained_run: Path, tmp_path: Path
 ) -> None:

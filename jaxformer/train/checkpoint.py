@@ -141,7 +141,9 @@ class Checkpointer:
         params_only: bool = False,
     ) -> Restored | None:
         """Restores the newest checkpoint that restores, moving damaged ones aside; with
-        ``params_only``, ``abstract_state`` is the parameters alone (:meth:`restore_params`).
+        ``params_only``, ``abstract_state`` is the parameters alone (:meth:`restore_params`)
+        and the run is only read: a damaged checkpoint is skipped and left where it is
+        (eval and generate never modify a run).
 
         ``check(step)`` runs first for each candidate and may raise (a config that does
         not fit the checkpoint); its errors propagate, since an older checkpoint of the
@@ -162,10 +164,22 @@ class Checkpointer:
             if error is None:  # this process read its shards; another could not
                 error = CheckpointError("another process could not read its shards")
             older = steps[-i - 2] if i + 1 < len(steps) else None
-            where = self.quarantine(step)
             fallback = f"falling back to step {older}" if older is not None else (
                 "no older checkpoint is left"
             )  # fmt: skip
+            if params_only:
+                log.warning(
+                    "checkpoint step %d in %s is damaged and cannot be read (%s: %s); left "
+                    "in place; %s",
+                    step, self.directory, type(error).__name__, _first_line(error), fallback,
+                )  # fmt: skip
+                if older is None:
+                    raise CheckpointError(
+                        f"no checkpoint in {self.directory} can be read (all damaged; left "
+                        "in place)"
+                    ) from error
+                continue
+            where = self.quarantine(step)
             log.warning(
                 "checkpoint step %d in %s is damaged and cannot be restored (%s: %s); "
                 "moved it to %s; %s",
