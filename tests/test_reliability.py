@@ -193,8 +193,9 @@ def test_damaged_checkpoint_is_moved_aside_and_the_previous_one_restored(
 ) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
-    files = [p for p in (run_dir / "checkpoints/4/state").rglob("*") if p.is_file()]
-    victim = max(files, key=lambda p: p.stat().st_size)  # the parameters' data file
+    state = run_dir / "checkpoints/4/state"
+    files = [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]
+    victim = max(files, key=lambda p: p.stat().st_size)  # the largest array data file
     if damage == "truncate":
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     else:
@@ -240,8 +241,9 @@ def test_all_checkpoints_damaged_is_an_error_not_a_silent_restart(
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     for step in (2, 4):
-        files = [p for p in (run_dir / f"checkpoints/{step}/state").rglob("*") if p.is_file()]
-        max(files, key=lambda p: p.stat().st_size).unlink()
+        state = run_dir / f"checkpoints/{step}/state"
+        files = [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]
+        max(files, key=lambda p: p.stat().st_size).unlink()  # the largest array data file
     with pytest.raises(CheckpointError, match="every checkpoint .* was damaged"):
         loop.setup(_tiny(run_dir, 4))
     assert sorted(p.name.split("-")[0] for p in (run_dir / DAMAGED_DIR).iterdir()) == ["2", "4"]

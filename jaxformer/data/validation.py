@@ -27,7 +27,8 @@ def validate_data(cfg: ml_collections.ConfigDict) -> None:
     if ignored:
         raise ConfigError(
             f"config key(s) {', '.join(repr(k) for k in ignored)} do nothing with "
-            f"data.name={d.name!r} and data.tokenizer={d.tokenizer!r}; remove them"
+            f"data.name={d.name!r} and data.tokenizer={d.tokenizer!r}; set them to '' "
+            "(e.g. --config.data.spm_model=)"
         )
     if d.tokenizer == "sentencepiece" and not d.spm_model:
         raise ConfigError(
