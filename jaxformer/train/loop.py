@@ -28,9 +28,8 @@ from jaxformer.train.goodput import BUCKETS, Goodput
 from jaxformer.train.init_from import load_params
 from jaxformer.train.logs import RunLogger
 from jaxformer.train.preemption import PreemptionWatcher
-from jaxformer.train.setup import build, restore_params
+from jaxformer.train.setup import build, make_run_mesh, restore_params
 from jaxformer.train.step import TrainState, head_metrics, jit_eval, jit_steps
-from jaxformer.train.validation import validate
 
 log = logging.getLogger("jaxformer")
 
@@ -80,7 +79,7 @@ def describe(cfg: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> str:
 def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None = None) -> Run:
     """Validates the config, builds the mesh and the state, and restores the latest checkpoint."""
     distributed.initialize(cfg)  # before any other JAX use: a no-op for one process
-    validate(cfg, jax.device_count(), jax.process_count(), distributed.num_slices())
+    run_mesh = make_run_mesh(cfg)  # validates: a bad config stops before the data opens
     task = task_for(cfg)
     tokenizer = jdata.build_tokenizer(cfg.data)
     # BERT's [MASK] and T5's 100 sentinels take the ids after the tokenizer's vocabulary.
@@ -96,7 +95,7 @@ def setup(cfg: ml_collections.ConfigDict, rules: parallel.sharding.Rules | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_directory(run_dir)
 
-    built = build(cfg, rules=rules)
+    built = build(cfg, rules=rules, run_mesh=run_mesh)
     mesh, mesh_shape, dcn_shape = built.mesh, built.mesh_shape, built.dcn_shape
     graphdef, state, shardings = built.graphdef, built.state, built.shardings
     train_step, eval_step = jit_steps(cfg, graphdef, built.tx, mesh, built.rules, shardings)

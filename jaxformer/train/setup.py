@@ -47,16 +47,16 @@ class Built:
     shardings: Any
 
 
+RunMesh = tuple[Mesh, dict[str, int], dict[str, int]]  # the mesh, its shape, its DCN sizes
+
+
 def make_run_mesh(
-    cfg: ml_collections.ConfigDict,
-    devices: Sequence[jax.Device] | None = None,
-    *,
-    process_count: int | None = None,
-) -> tuple[Mesh, dict[str, int], dict[str, int]]:
+    cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> RunMesh:
     """Validates ``cfg`` for ``devices`` (default: all) and builds their mesh; returns it
     with the resolved shape (ICI x DCN) and the DCN sizes."""
     devices = list(jax.devices() if devices is None else devices)
-    processes = jax.process_count() if process_count is None else process_count
+    processes = jax.process_count()
     mesh_shape = validate(cfg, len(devices), processes, distributed.num_slices(devices))
     _, dcn_shape = parallel.resolve_mesh(cfg.mesh, len(devices))
     return parallel.make_mesh(mesh_shape, devices, dcn=dcn_shape), mesh_shape, dcn_shape
@@ -68,12 +68,14 @@ def build(
     rules: parallel.sharding.Rules | None = None,
     devices: Sequence[jax.Device] | None = None,
     abstract: bool = False,
-    process_count: int | None = None,
+    run_mesh: RunMesh | None = None,
 ) -> Built:
     """validate -> mesh -> optimizer -> the train state, created already sharded (or, with
-    ``abstract``, as shapes only: what ``jaxformer plan`` compiles against)."""
+    ``abstract``, as shapes only: what ``jaxformer plan`` compiles against). ``run_mesh``
+    is :func:`make_run_mesh`'s result where the caller validated first (``train``, which
+    opens its data in between)."""
     rules = parallel.DEFAULT_RULES if rules is None else rules
-    mesh, mesh_shape, dcn_shape = make_run_mesh(cfg, devices, process_count=process_count)
+    mesh, mesh_shape, dcn_shape = run_mesh or make_run_mesh(cfg, devices)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.d_model)
     make = abstract_state if abstract else init_state
     graphdef, state, shardings = make(cfg, tx, mesh, rules)
